@@ -1,0 +1,184 @@
+"""`attention(q, k, v, ...)`: one entry point, several implementations, no silent fallbacks.
+
+Implementations live in `IMPLEMENTATIONS` (name → function + the check that says what it cannot do); `AUTO_ORDER`
+says which ones `impl="auto"` tries, best first. Adding a kernel is one entry in each.
+
+- "reference": the pure-jnp oracle of `reference.py`; every mask, segment ids, q_offset, lse.
+- "xla": `jax.nn.dot_product_attention(implementation="xla")` with our mask and segment ids as its boolean `mask`.
+  jax fills masked logits with a large finite negative, so a row that attends to nothing comes back as the mean of
+  v; we set it to 0. jax's residual is not our lse (it is cast to the input dtype, carries no gradient and is finite
+  for empty rows), so return_lse computes the lse with the reference's logsumexp (one more q·kᵀ).
+  float32 inputs run at jax's default matmul precision (on GPU TF32-class, about 1e-3 off the float32 oracle).
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention). It honours Full,
+  Causal and SlidingWindow(w) masks only, through `is_causal` and `local_window_size=(w - 1, 0)` (jax hands cuDNN
+  a window of w: keys i - w < j <= i). cuDNN aligns causal masks top-left, which is our q_offset = 0 for any T, S
+  (all checked against the reference on an H100 with jax 0.11.2; tests/attention runs that check on a CUDA GPU).
+  `cudnn_unsupported_reason` lists what it refuses; the call raises NotImplementedError for those before any work.
+- "auto": cudnn when `cudnn_unsupported_reason` finds nothing, else xla; logs its choice once per choice and reason.
+"""
+
+from collections.abc import Callable
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from longctx.attention import masks
+from longctx.attention.reference import attention_mask, check_arguments, logsumexp, reference_attention
+
+logger = logging.getLogger("longctx.attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What an implementation must honour, known before any work: shapes q [B, T, Hq, D] and k [B, S, Hkv, D],
+    platform ("cpu", "gpu" for a CUDA GPU, "rocm", "tpu"), CUDA compute capability if known, and q_offset
+    (None when traced)."""
+
+    q_shape: tuple[int, int, int, int]
+    k_shape: tuple[int, int, int, int]
+    dtype: jnp.dtype
+    mask: masks.Mask
+    platform: str
+    compute_capability: tuple[int, int] | None = None
+    has_segment_ids: bool = False
+    q_offset: int | None = 0
+    return_lse: bool = False
+
+
+def _device_of(x: jax.Array) -> jax.Device:
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return next(iter(x.devices()))
+    return jax.devices()[0]
+
+
+def platform_of(x: jax.Array) -> tuple[str, tuple[int, int] | None]:
+    """The platform that holds x (the default device for a traced or numpy x) and its CUDA compute capability."""
+    device = _device_of(x)
+    platform = device.platform
+    if platform == "gpu" and "rocm" in device.client.platform_version.lower():
+        platform = "rocm"
+    capability = getattr(device, "compute_capability", None)
+    return platform, (tuple(int(p) for p in capability.split(".")) if capability else None)
+
+
+def cudnn_unsupported_reason(request: Request) -> str | None:
+    """Why cuDNN flash attention (through jax.nn.dot_product_attention) cannot run `request`, or None if it can.
+
+    Constraints from jax/_src/cudnn/fused_attention_stablehlo.py (check_layout, check_is_flash_attention) and from
+    what jax.nn.dot_product_attention passes through to cuDNN.
+    """
+    (_, T, _, D), S = request.q_shape, request.k_shape[1]
+    if request.platform != "gpu":
+        return f"cudnn needs a CUDA GPU (backend is {request.platform})"
+    if request.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cudnn needs bfloat16 or float16 inputs, got {jnp.dtype(request.dtype).name}"
+    max_head_dim = 256 if request.compute_capability and request.compute_capability >= (9, 0) else 128
+    if D % 8 or D > max_head_dim:
+        return (f"cudnn flash attention needs a head dim that is a multiple of 8 and at most {max_head_dim} "
+                f"(256 on compute capability 9.0+, else 128), got D={D}")
+    if request.has_segment_ids:
+        return ("cudnn cannot honour segment_ids: jax.nn.dot_product_attention's cuDNN path has no packed-document "
+                "support (only per-row sequence lengths)")
+    if not isinstance(request.mask, (masks.Full, masks.Causal, masks.SlidingWindow)):
+        return f"cudnn honours only the masks Full, Causal and SlidingWindow, got {request.mask!r}"
+    if not isinstance(request.mask, masks.Full) and request.q_offset != 0:
+        return (f"cudnn aligns its causal and window masks top-left (query row t is position t), so q_offset must "
+                f"be a static 0, got {'a traced value' if request.q_offset is None else request.q_offset}")
+    if isinstance(request.mask, masks.SlidingWindow) and T > S:
+        return f"cudnn's sliding window needs T <= S, got T={T}, S={S}"
+    if request.return_lse:
+        return ("cudnn cannot return the lse: jax returns cuDNN's softmax statistics cast to the input dtype and "
+                "passes no gradient through them")
+    return None
+
+
+def _xla(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, q_offset, return_lse):
+    T, S = q.shape[1], k.shape[1]
+    allowed = attention_mask(mask, T, S, q_offset=q_offset, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale, implementation="xla")
+    out = jnp.where(jnp.any(allowed, axis=-1)[:, :, None, None], out, jnp.zeros((), out.dtype))
+    return (out, logsumexp(q, k, allowed=allowed, scale=scale)) if return_lse else out
+
+
+def _cudnn(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, q_offset, return_lse):
+    window = mask.window if isinstance(mask, masks.SlidingWindow) else None
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=not isinstance(mask, masks.Full),
+        local_window_size=None if window is None else (window - 1, 0), implementation="cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """fn(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, q_offset, return_lse) on checked
+    arguments (scale resolved); unsupported_reason(request) says why it cannot honour a request, or None."""
+
+    fn: Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
+    unsupported_reason: Callable[[Request], str | None] = lambda request: None
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    "reference": Implementation(reference_attention),
+    "xla": Implementation(_xla),
+    "cudnn": Implementation(_cudnn, cudnn_unsupported_reason),
+}
+AUTO_ORDER = ("cudnn", "xla")
+_LOGGED_CHOICES: set[tuple[str, str]] = set()
+
+
+def impl_names() -> list[str]:
+    """Every value `attention(impl=...)` accepts."""
+    return ["auto", *sorted(IMPLEMENTATIONS)]
+
+
+def choose_impl(request: Request) -> str:
+    """The implementation impl="auto" runs for `request`: the first in AUTO_ORDER that supports it; logs the choice
+    (with why the better ones were passed over) once per distinct choice and reasons."""
+    reasons = []
+    for name in AUTO_ORDER:
+        reason = IMPLEMENTATIONS[name].unsupported_reason(request)
+        if reason is None:
+            message = "; ".join(reasons)
+            if (name, message) not in _LOGGED_CHOICES:
+                _LOGGED_CHOICES.add((name, message))
+                logger.info("attention impl=auto chose %s%s", name, f": {message}" if message else "")
+            return name
+        reasons.append(reason)
+    raise NotImplementedError(f"attention impl='auto' found no implementation for this request: {'; '.join(reasons)}")
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mask = masks.Causal(),
+              segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
+              normalizer: str = "softmax", impl: str = "auto", scale: float | None = None,
+              q_offset: int | jax.Array = 0, return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Multi-head attention with grouped-query heads, a mask spec and packed-document segment ids.
+
+    q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] with Hq a multiple of Hkv (query head h reads kv head h // (Hq // Hkv)).
+    mask: a `masks.Mask` over absolute positions; query row t sits at position q_offset + t (q_offset: int or traced
+    int32 scalar; S - T for a query block at the end of the keys, as when decoding with a KV cache).
+    segment_ids: [B, T] int; kv_segment_ids: [B, S] int, defaulting to segment_ids when S == T. Tokens attend only
+    within their segment, and segment 0 (padding) attends to nothing and is attended by nothing.
+    scale: defaults to 1/sqrt(D). normalizer: "softmax". impl: one of `impl_names()`.
+    Returns out [B, T, Hq, D] in q.dtype (exactly 0 on a row that attends to nothing), or (out, lse) with lse
+    [B, T, Hq] float32 (-inf on such a row) when return_lse. Semantics: `reference.py`.
+    """
+    if impl not in impl_names():
+        raise ValueError(f"impl must be one of {', '.join(impl_names())}, got {impl!r}")
+    segment_ids, kv_segment_ids, q_offset = check_arguments(
+        q, k, v, mask=mask, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, normalizer=normalizer,
+        q_offset=q_offset)
+    platform, capability = platform_of(q)
+    request = Request(
+        q_shape=tuple(q.shape), k_shape=tuple(k.shape), dtype=q.dtype, mask=mask, platform=platform,
+        compute_capability=capability, has_segment_ids=segment_ids is not None,
+        q_offset=q_offset if isinstance(q_offset, int) else None, return_lse=return_lse)
+    name = choose_impl(request) if impl == "auto" else impl
+    reason = IMPLEMENTATIONS[name].unsupported_reason(request)
+    if reason is not None:
+        raise NotImplementedError(f"attention impl={name!r} cannot run this request: {reason}. "
+                                  f"impl='xla' runs it, or impl='auto' picks an implementation that can")
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    return IMPLEMENTATIONS[name].fn(
+        q, k, v, mask=mask, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, normalizer=normalizer,
+        scale=q.shape[-1] ** -0.5 if scale is None else scale, q_offset=q_offset, return_lse=return_lse)

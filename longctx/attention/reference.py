@@ -1,0 +1,156 @@
+"""The pure-jnp attention oracle that every kernel is tested against, and the argument checks all implementations share.
+
+For query t (absolute position i = q_offset + t) and query head h, with G = Hq // Hkv and kv head h // G:
+
+    allowed[t, s] = mask(i, s) and segment_ids[t] == kv_segment_ids[s] != 0
+    logits[t, s]  = scale · q[t, h] · k[s, h // G]
+    out[t, h]     = Σ_s softmax_s(logits[t, s] where allowed, else -inf) · v[s, h // G]
+    lse[t, h]     = log Σ_{s allowed} exp(logits[t, s])
+
+A row with nothing allowed outputs exactly 0 and has lse = -inf; its gradients are 0, never NaN. Logits, softmax and
+lse are float32 at highest matmul precision whatever the input dtype; the output is cast to q.dtype. Grouped-query
+attention reshapes q to [B, T, Hkv, G, D] instead of repeating K/V heads.
+"""
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longctx.attention import masks
+
+NORMALIZERS = ("softmax",)
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _check_segment_ids(name: str, ids: jax.Array | np.ndarray, batch: int, length: int, length_name: str) -> None:
+    if tuple(ids.shape) != (batch, length):
+        raise ValueError(f"{name} must have shape [B, {length_name}] = {(batch, length)}, got {tuple(ids.shape)}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array (int32), got {ids.dtype}")
+
+
+def check_arguments(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mask,
+                    segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None, normalizer: str,
+                    q_offset: int | jax.Array):
+    """Raises ValueError naming the first argument that does not fit; returns the resolved
+    (segment_ids, kv_segment_ids, q_offset): each segment-id array defaults to the other when S == T, and a static
+    q_offset becomes a Python int (a traced one is returned as an int32 scalar)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if np.ndim(x) != 4:
+            raise ValueError(f"{name} must have rank 4 ({name}: [B, {'T, Hq' if name == 'q' else 'S, Hkv'}, D]), "
+                             f"got shape {np.shape(x)}")
+    (B, T, Hq, D), (Bk, S, Hkv, Dk) = q.shape, k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, S, Hkv, D], got {k.shape} and {v.shape}")
+    if Bk != B:
+        raise ValueError(f"q and k must have the same batch size, got {B} and {Bk}")
+    if Dk != D:
+        raise ValueError(f"q and k must have the same head dim D, got {D} and {Dk}")
+    if Hq % Hkv:
+        raise ValueError(f"the number of query heads Hq={Hq} must be a multiple of the number of kv heads Hkv={Hkv}")
+    if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"q, k and v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"normalizer must be one of {', '.join(map(repr, NORMALIZERS))}, got {normalizer!r}")
+    if not isinstance(mask, masks.Mask):
+        raise ValueError(f"mask must be a longctx.attention.masks.Mask (e.g. masks.Causal()), got {mask!r}")
+
+    if S != T and (segment_ids is None) != (kv_segment_ids is None):
+        missing = "kv_segment_ids" if kv_segment_ids is None else "segment_ids"
+        raise ValueError(f"{missing} is required when the other is given and S != T (S={S}, T={T})")
+    segment_ids = kv_segment_ids if segment_ids is None else segment_ids
+    kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+    if segment_ids is not None:
+        _check_segment_ids("segment_ids", segment_ids, B, T, "T")
+        _check_segment_ids("kv_segment_ids", kv_segment_ids, B, S, "S")
+
+    if isinstance(q_offset, numbers.Integral) and not isinstance(q_offset, bool):
+        if q_offset < 0:
+            raise ValueError(f"q_offset must be >= 0, got {q_offset}")
+        q_offset = int(q_offset)
+    elif np.shape(q_offset) == () and jnp.issubdtype(jnp.result_type(q_offset), jnp.integer):
+        q_offset = jnp.asarray(q_offset, jnp.int32)
+    else:
+        raise ValueError(f"q_offset must be an int or an integer scalar array, got {q_offset!r}")
+    mask.validate(T, S, q_offset)
+    return segment_ids, kv_segment_ids, q_offset
+
+
+def attention_mask(mask: masks.Mask, T: int, S: int, *, q_offset: int | jax.Array = 0,
+                   segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None) -> jax.Array:
+    """Where query t may attend to key s: bool [1, T, S] without segment ids, else [B, T, S].
+
+    The mask is evaluated on iotas (q_offset may be traced), so XLA fuses it rather than embedding a [T, S] constant.
+    """
+    q_idx = jnp.arange(T, dtype=jnp.int32)[:, None] + q_offset
+    kv_idx = jnp.arange(S, dtype=jnp.int32)[None, :]
+    allowed = jnp.broadcast_to(mask(q_idx, kv_idx), (T, S))[None]
+    if segment_ids is not None:
+        q_seg, kv_seg = segment_ids[:, :, None], kv_segment_ids[:, None, :]
+        allowed = allowed & (q_seg == kv_seg) & (q_seg != 0)
+    return allowed
+
+
+def _grouped_logits(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
+    """q [B, T, Hq, D], k [B, S, Hkv, D] → float32 logits [B, Hkv, G, T, S]."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    q = q.reshape(B, T, Hkv, Hq // Hkv, D)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32, precision=_HIGHEST)
+    return logits * scale
+
+
+def _masked_softmax(logits: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Softmax over the last axis restricted to `allowed`, and its logsumexp; all-masked rows give 0 and -inf.
+
+    The row max is taken over allowed entries only and replaced by 0 in empty rows, so no inf - inf is ever formed
+    and every gradient stays finite.
+    """
+    masked = jnp.where(allowed, logits, -jnp.inf)
+    nonempty = jnp.any(allowed, axis=-1, keepdims=True)
+    row_max = jax.lax.stop_gradient(jnp.where(nonempty, jnp.max(masked, axis=-1, keepdims=True), 0.0))
+    unnormalized = jnp.exp(masked - row_max)
+    denom = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    safe_denom = jnp.where(nonempty, denom, 1.0)
+    probs = unnormalized / safe_denom
+    lse = jnp.where(nonempty, row_max + jnp.log(safe_denom), -jnp.inf)
+    return probs, lse[..., 0]
+
+
+def _heads_last(x: jax.Array) -> jax.Array:
+    """[B, Hkv, G, T] → [B, T, Hq] with query head h = kv_head · G + g."""
+    B, Hkv, G, T = x.shape
+    return x.transpose(0, 3, 1, 2).reshape(B, T, Hkv * G)
+
+
+def logsumexp(q: jax.Array, k: jax.Array, *, allowed: jax.Array, scale: float) -> jax.Array:
+    """log Σ_{s allowed} exp(scale · q·k): q [B, T, Hq, D], k [B, S, Hkv, D], allowed bool [B or 1, T, S]
+    → float32 [B, T, Hq], -inf where a row allows nothing. Differentiable."""
+    _, lse = _masked_softmax(_grouped_logits(q, k, scale), allowed[:, None, None])
+    return _heads_last(lse)
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mask,
+                        segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
+                        normalizer: str = "softmax", scale: float | None = None, q_offset: int | jax.Array = 0,
+                        return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Attention by the formula in the module docstring.
+
+    q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; segment_ids: [B, T] int; kv_segment_ids: [B, S] int (defaults to
+    segment_ids when S == T); q_offset: absolute position of query row 0 (int or traced int32 scalar); scale defaults
+    to 1/sqrt(D). Returns out [B, T, Hq, D] in q.dtype, and lse [B, T, Hq] float32 if return_lse.
+    """
+    segment_ids, kv_segment_ids, q_offset = check_arguments(
+        q, k, v, mask=mask, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, normalizer=normalizer,
+        q_offset=q_offset)
+    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    B, T, Hq, D = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    allowed = attention_mask(mask, T, S, q_offset=q_offset, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    probs, lse = _masked_softmax(_grouped_logits(q, k, scale), allowed[:, None, None])
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32), precision=_HIGHEST)
+    out = out.reshape(B, T, Hq, D).astype(q.dtype)
+    return (out, _heads_last(lse)) if return_lse else out

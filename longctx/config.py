@@ -1,0 +1,149 @@
+"""The documented base config every experiment overrides, and its validation.
+
+Experiment files under `configs/` start from `base_config()` and change a few fields (big_vision style). Every field
+is documented here, once. `validate(config)` checks the values that types alone cannot, naming the field and what is
+allowed, before any work is done.
+"""
+
+import ml_collections
+
+from longctx import positions
+from longctx.attention import masks
+
+ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn")
+MASK_FIELDS = {"causal": (), "sliding_window": ("window",), "sinks_window": ("sinks", "window")}
+CONFIG_ARG_KEYS = ("positions",)
+
+
+def positions_config(name: str, **overrides) -> ml_collections.ConfigDict:
+    """`model.positions` for scheme `name`: its name and every parameter with its default, then `overrides`."""
+    params = positions.default_params(name)
+    unknown = sorted(set(overrides) - set(params))
+    if unknown:
+        raise ValueError(f"position scheme {name!r} has no parameter {', '.join(unknown)}; it takes: "
+                         f"{', '.join(params) or 'no parameters'}")
+    return ml_collections.ConfigDict({"name": name, **params, **overrides})
+
+
+def parse_config_arg(arg: str | None) -> dict[str, str]:
+    """Parses the `:key=value,...` suffix of `--config=configs/x.py:positions=none`."""
+    if not arg:
+        return {}
+    parsed = {}
+    for item in arg.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in CONFIG_ARG_KEYS:
+            raise ValueError(f"config argument {item!r} is not key=value with key in {', '.join(CONFIG_ARG_KEYS)}")
+        parsed[key] = value
+    return parsed
+
+
+def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """A ~125M-parameter Llama-style model at 4K on bytes of the stdlib corpus; `arg` may pick `positions=<scheme>`."""
+    options = parse_config_arg(arg)
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # Seeds the parameter initialisation and the data order.
+
+    c.model = ml_collections.ConfigDict()
+    c.model.hidden_size = 768  # Width of the residual stream.
+    c.model.intermediate_size = 2048  # Hidden width of the SwiGLU MLP.
+    c.model.num_layers = 12
+    c.model.num_heads = 12  # Query heads.
+    c.model.num_kv_heads = 4  # Key/value heads (grouped-query attention); divides num_heads.
+    c.model.head_dim = 64
+    c.model.rms_norm_eps = 1e-5
+    c.model.tie_embeddings = False  # Share the token embedding with the output head.
+    c.model.dtype = "bfloat16"  # Compute dtype: float32 | bfloat16 | float16. Params are always float32.
+    c.model.init_std = 0.02  # Standard deviation of the normal initialiser of every weight matrix.
+    c.model.scan_layers = False  # nn.scan over layers: one compiled layer, faster compiles for deep models.
+    c.model.remat = "none"  # Rematerialisation of each layer: none | full | dots (keep matmul outputs).
+    c.model.attention = ml_collections.ConfigDict()
+    c.model.attention.impl = "auto"  # auto | reference | xla | cudnn (see longctx.attention.dispatch).
+    c.model.attention.mask = "causal"  # causal | sliding_window | sinks_window.
+    c.model.attention.window = 0  # Keys each query sees, itself included (sliding_window, sinks_window only).
+    c.model.attention.sinks = 0  # Leading tokens every query also sees (sinks_window only).
+    # The position scheme and its parameters; pick another with `--config=<file>:positions=<name>`.
+    c.model.positions = positions_config(options.get("positions", "rope"))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "stdlib"  # "stdlib" (the interpreter's own .py files) or comma-separated .txt/.jsonl paths/globs.
+    c.data.text_field = "text"  # Field holding the text in .jsonl files.
+    c.data.valid_fraction = 0.05  # Share of documents held out for evaluation, chosen by a stable hash of the path.
+    c.data.tokenizer = "byte"  # "byte", a HF tokenizer.json path, or a sentencepiece .model path.
+    c.data.seq_len = 4096  # Training length: documents are cut into pieces of at most this and packed.
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 10_000  # Length of the learning-rate schedule, and where training ends.
+    c.train.batch_size = 32  # Sequences per optimizer step.
+    c.train.grad_accum_steps = 1  # Micro-batches per step (batch_size must divide evenly); same result, less memory.
+    c.train.learning_rate = 3e-4  # Peak learning rate.
+    c.train.warmup_steps = 500  # Linear warm-up from 0 to the peak.
+    c.train.min_lr_ratio = 0.1  # Cosine decay ends at learning_rate · min_lr_ratio at `steps`.
+    c.train.weight_decay = 0.1  # AdamW decoupled weight decay (not applied to norm scales).
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.eps = 1e-8
+    c.train.grad_clip = 1.0  # Clip gradients to this global norm (0 disables).
+    c.train.log_every = 10  # Steps between lines of metrics.jsonl.
+    c.train.checkpoint_every = 1000  # Steps between checkpoints (the last step is always saved).
+    c.train.keep_checkpoints = 2  # How many recent checkpoints orbax keeps.
+    c.train.tensorboard = False  # Also write TensorBoard event files (needs tensorboardX) under <workdir>/tensorboard.
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.num_documents = 16  # Held-out documents per length; the same documents at every length.
+    c.eval.batch_size = 4
+    c.lock()
+    return c
+
+
+def mask_from_config(attention: ml_collections.ConfigDict) -> masks.Mask:
+    """The mask spec of `model.attention`, refusing window/sinks values that the chosen mask would ignore."""
+    if attention.mask not in MASK_FIELDS:
+        raise ValueError(f"model.attention.mask must be one of {', '.join(MASK_FIELDS)}, got {attention.mask!r}")
+    uses = MASK_FIELDS[attention.mask]
+    for field in ("window", "sinks"):
+        value = attention[field]
+        if field in uses and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"model.attention.{field} must be a positive int for mask {attention.mask!r}, "
+                             f"got {value!r}")
+        if field not in uses and value != 0:
+            users = [mask for mask, fields in MASK_FIELDS.items() if field in fields]
+            raise ValueError(f"model.attention.{field}={value} has no effect with mask {attention.mask!r}; "
+                             f"set it to 0 or pick a mask that uses it: {', '.join(users)}")
+    return masks.get(attention.mask, **{field: attention[field] for field in uses})
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first field whose value is not allowed."""
+    from longctx.models import build_model  # Building the model checks every model field.
+
+    build_model(config.model, vocab_size=1)
+    if config.model.attention.impl not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention.impl must be one of {', '.join(ATTENTION_IMPLS)}, "
+                         f"got {config.model.attention.impl!r}")
+    positive = {
+        "data.seq_len": config.data.seq_len, "train.steps": config.train.steps,
+        "train.batch_size": config.train.batch_size, "train.grad_accum_steps": config.train.grad_accum_steps,
+        "train.log_every": config.train.log_every, "train.checkpoint_every": config.train.checkpoint_every,
+        "train.keep_checkpoints": config.train.keep_checkpoints, "eval.num_documents": config.eval.num_documents,
+        "eval.batch_size": config.eval.batch_size,
+    }
+    for field, value in positive.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field} must be a positive int, got {value!r}")
+    if config.data.seq_len < 2:
+        raise ValueError(f"data.seq_len must be >= 2 (a token and its successor), got {config.data.seq_len}")
+    if config.train.batch_size % config.train.grad_accum_steps:
+        raise ValueError(f"train.batch_size ({config.train.batch_size}) must be a multiple of "
+                         f"train.grad_accum_steps ({config.train.grad_accum_steps})")
+    if not 0 <= config.train.warmup_steps <= config.train.steps:
+        raise ValueError(f"train.warmup_steps must be in [0, train.steps={config.train.steps}], "
+                         f"got {config.train.warmup_steps}")
+    if not config.train.learning_rate > 0:
+        raise ValueError(f"train.learning_rate must be > 0, got {config.train.learning_rate}")
+    if not 0 <= config.train.min_lr_ratio <= 1:
+        raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {config.train.min_lr_ratio}")
+    if config.train.grad_clip < 0:
+        raise ValueError(f"train.grad_clip must be >= 0 (0 disables clipping), got {config.train.grad_clip}")
+    if not 0 < config.data.valid_fraction < 1:
+        raise ValueError(f"data.valid_fraction must be in (0, 1), got {config.data.valid_fraction}")

@@ -1,0 +1,153 @@
+"""Tokenizers: bytes (the default), a HF `tokenizer.json`, or a sentencepiece `.model`; `load_tokenizer` picks one.
+
+Every tokenizer maps text to int32 ids without adding special tokens; `longctx.data.packing` adds BOS and EOS around
+each document itself, so every tokenizer frames documents the same way. `decode` drops BOS, EOS and PAD.
+"""
+
+import abc
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import sentencepiece
+import tokenizers
+
+ALLOWED_SPECS = '"byte", a path to a HF tokenizer.json, or a path to a sentencepiece .model'
+HF_BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>")
+HF_EOS_NAMES = ("</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>")
+HF_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
+
+
+class Tokenizer(abc.ABC):
+    """Text ↔ int32 ids. Attributes: `vocab_size`, `bos_id`, `eos_id`, `pad_id` (ids < vocab_size), `name`."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    name: str
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> np.ndarray:
+        """int32 ids [n] of `text`, no special tokens added."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """`[encode(t) for t in texts]`; subclasses override it with a faster path."""
+        return [self.encode(text) for text in texts]
+
+    @abc.abstractmethod
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """The text of `ids` [n], BOS/EOS/PAD dropped."""
+
+    def _without_specials(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        return ids[~np.isin(ids, (self.bos_id, self.eos_id, self.pad_id))]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, "
+                f"eos={self.eos_id}, pad={self.pad_id})")
+
+
+class ByteTokenizer(Tokenizer):
+    """UTF-8 bytes: ids 0..255 are bytes, PAD=256, BOS=257, EOS=258; vocab_size 259."""
+
+    vocab_size = 259
+    pad_id = 256
+    bos_id = 257
+    eos_id = 258
+    name = "byte"
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        ids = np.asarray(ids).ravel()
+        return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class HFTokenizer(Tokenizer):
+    """A HF `tokenizer.json` through the `tokenizers` library.
+
+    BOS/EOS/PAD are the given token strings, else the first of the usual names (`HF_BOS_NAMES`, ...) that the
+    tokenizer marks special, else the first that is in its vocabulary at all. PAD falls back to EOS.
+    """
+
+    def __init__(self, path: str, *, bos: str | None = None, eos: str | None = None, pad: str | None = None):
+        self.name = str(path)
+        self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self._special_id("BOS", bos, HF_BOS_NAMES)
+        self.eos_id = self._special_id("EOS", eos, HF_EOS_NAMES)
+        self.pad_id = self._special_id("PAD", pad, HF_PAD_NAMES, default=self.eos_id)
+
+    def _special_id(self, role: str, token: str | None, names: Sequence[str], default: int | None = None) -> int:
+        if token is not None:
+            token_id = self._tokenizer.token_to_id(token)
+            if token_id is None:
+                raise ValueError(f"{self.name}: the {role} token {token!r} is not in its vocabulary")
+            return token_id
+        specials = {t.content: i for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special}
+        for name in names:
+            if name in specials:
+                return specials[name]
+        for name in names:
+            token_id = self._tokenizer.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        if default is not None:
+            return default
+        raise ValueError(f"{self.name}: cannot tell its {role} token: none of {', '.join(names)} is in its "
+                         f"vocabulary; name it with HFTokenizer(path, {role.lower()}=<token>)")
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._tokenizer.decode(self._without_specials(ids).tolist(), skip_special_tokens=True)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece `.model`; BOS/EOS/PAD are the model's own, PAD falling back to EOS when it has none."""
+
+    def __init__(self, path: str):
+        self.name = str(path)
+        self._processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self._processor.get_piece_size()
+        self.bos_id, self.eos_id = self._processor.bos_id(), self._processor.eos_id()
+        for role, token_id in (("BOS", self.bos_id), ("EOS", self.eos_id)):
+            if token_id < 0:
+                raise ValueError(f"{self.name}: the model has no {role} token (train it with {role.lower()}_id >= 0)")
+        self.pad_id = self._processor.pad_id() if self._processor.pad_id() >= 0 else self.eos_id
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._processor.encode(text, add_bos=False, add_eos=False), dtype=np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        ids = self._processor.encode(list(texts), add_bos=False, add_eos=False)
+        return [np.asarray(i, dtype=np.int32) for i in ids]
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self._processor.decode(self._without_specials(ids).tolist())
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer that `data.tokenizer` names: "byte", a `*.json` (HF) path or a `*.model` (sentencepiece) path.
+
+    Raises FileNotFoundError for a missing file and ValueError for any other spec, or a file that does not load.
+    """
+    if spec == "byte":
+        return ByteTokenizer()
+    kinds = {".json": HFTokenizer, ".model": SentencePieceTokenizer}
+    suffix = os.path.splitext(spec)[1]
+    if suffix not in kinds:
+        raise ValueError(f"data.tokenizer must be {ALLOWED_SPECS}; got {spec!r}")
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"data.tokenizer: no such file {spec!r}")
+    try:
+        return kinds[suffix](spec)
+    except Exception as error:  # The libraries raise bare Exception / RuntimeError / OSError on a bad file.
+        raise ValueError(f"data.tokenizer: cannot load {spec!r} as a {kinds[suffix].__name__}: {error}") from error

@@ -1,0 +1,57 @@
+"""Perplexity at a given context length, and the unigram baseline beside it.
+
+Perplexity over N windows of L tokens is exp(mean over the N·(L−1) predicted tokens of −log p(x_{t+1} | x_{≤t})).
+Windows are the first L tokens of held-out documents at least as long as the longest length evaluated, so that every
+length reads the same documents and only the context grows.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longctx.train.loss import next_token_losses
+
+
+def eval_windows(token_docs: list[np.ndarray], lengths: list[int], num_documents: int) -> dict[int, np.ndarray]:
+    """{L: [n, L] int32}: the first L tokens of the first `num_documents` documents with at least max(lengths)."""
+    longest = max(lengths)
+    chosen = [doc for doc in token_docs if len(doc) >= longest][:num_documents]
+    if not chosen:
+        raise ValueError(
+            f"no held-out document has {longest} tokens or more (the longest has "
+            f"{max((len(d) for d in token_docs), default=0)}); evaluate at shorter --lengths or on longer documents"
+        )
+    return {length: np.stack([doc[:length] for doc in chosen]).astype(np.int32) for length in lengths}
+
+
+def model_nll(model, params, windows: np.ndarray, batch_size: int) -> np.ndarray:
+    """Per-position loss [n, L-1] (float64) of `model` on `windows` [n, L], in batches of `batch_size`."""
+
+    @jax.jit
+    def batch_nll(params, tokens):
+        logits = model.apply({"params": params}, tokens)
+        nll, _ = next_token_losses(logits, tokens)
+        return nll
+
+    pieces = []
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        padded = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), axis=0)])
+        pieces.append(np.asarray(batch_nll(params, jnp.asarray(padded)), np.float64)[: len(batch)])
+    return np.concatenate(pieces)
+
+
+def unigram_log_probs(token_docs: list[np.ndarray], vocab_size: int) -> np.ndarray:
+    """log p(token) [vocab_size] from counts over `token_docs`, add-one smoothed."""
+    counts = np.bincount(np.concatenate(token_docs), minlength=vocab_size).astype(np.float64) + 1.0
+    return np.log(counts / counts.sum())
+
+
+def perplexity(nll: np.ndarray) -> dict[str, float]:
+    mean = float(np.mean(nll))
+    return {"loss": mean, "ppl": float(np.exp(mean)), "tokens": int(nll.size)}
+
+
+def unigram_nll(log_probs: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """The unigram model's loss [n, L-1] on the same predicted tokens as `model_nll`."""
+    return -log_probs[windows[:, 1:]]

@@ -1,0 +1,59 @@
+"""Turns an evaluation into what a paper needs: one JSON with every number, a markdown table and PNG plots."""
+
+import json
+import pathlib
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PPL_PLOT = "ppl_vs_length.png"
+
+
+def ppl_table(report: dict[str, Any]) -> str:
+    """Markdown table: a row per position scheme (and the unigram baseline), a column per length."""
+    lengths = report["lengths"]
+    header = "| scheme | " + " | ".join(f"ppl@{length}" for length in lengths) + " |"
+    rows = [header, "|---|" + "---:|" * len(lengths)]
+    for scheme, by_length in report["ppl"].items():
+        label = f"{scheme} (trained)" if scheme == report["trained_positions"]["name"] else scheme
+        rows.append(f"| {label} | " + " | ".join(f"{by_length[str(n)]['ppl']:.3f}" for n in lengths) + " |")
+    rows.append("| unigram baseline | " + " | ".join(f"{report['unigram'][str(n)]['ppl']:.3f}" for n in lengths)
+                + " |")
+    return "\n".join(rows)
+
+
+def plot_ppl(report: dict[str, Any], path: pathlib.Path) -> None:
+    """Perplexity vs evaluation length, one line per scheme, the unigram baseline dashed, the training length marked."""
+    lengths = report["lengths"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for scheme, by_length in report["ppl"].items():
+        ax.plot(lengths, [by_length[str(n)]["ppl"] for n in lengths], marker="o", label=scheme)
+    ax.plot(lengths, [report["unigram"][str(n)]["ppl"] for n in lengths], linestyle="--", color="gray",
+            label="unigram baseline")
+    ax.axvline(report["train_seq_len"], color="black", linestyle=":", linewidth=1, label="training length")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"Perplexity vs length — {pathlib.Path(report['workdir']).name}, step {report['step']}")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], output_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Writes report.json, report.md and the plot into `output_dir`; returns their paths."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / REPORT_JSON, "markdown": output_dir / REPORT_MD, "plot": output_dir / PPL_PLOT}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["markdown"].write_text(ppl_table(report) + "\n")
+    plot_ppl(report, paths["plot"])
+    return paths

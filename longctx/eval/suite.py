@@ -1,0 +1,113 @@
+"""`evaluate(workdir, lengths, schemes)`: perplexity of a trained run at each length under each position scheme.
+
+The scheme at evaluation time may differ from training's: the run's parameters are kept and only the scheme is
+swapped, taking over the trained scheme's parameters that the new one shares (e.g. `theta`).
+"""
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from longctx import positions
+from longctx.config import positions_config
+from longctx.data import Tokenizer, load_documents, load_tokenizer, tokenize_documents
+from longctx.eval import ppl
+from longctx.models import build_model, init_params
+from longctx.train import checkpoint
+
+
+def scheme_config(trained: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """`model.positions` for scheme `name`, sharing the trained scheme's values of the parameters both take."""
+    shared = {key: value for key, value in trained.items() if key != "name" and key in positions.default_params(name)}
+    return positions_config(name, **shared)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """An evaluation whose inputs have all been checked: what `prepare` hands to `run`."""
+
+    workdir: pathlib.Path
+    config: ml_collections.ConfigDict
+    step: int
+    schemes: list[str]
+    lengths: list[int]
+    tokenizer: Tokenizer
+    windows: dict[int, np.ndarray]
+    unigram_log_probs: np.ndarray
+
+
+def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] | None = None,
+            step: int | None = None, num_documents: int | None = None) -> Evaluation:
+    """Checks the request and loads the held-out windows; raises ValueError / FileNotFoundError naming the culprit.
+
+    `schemes` defaults to the trained scheme; "all" in it means every registered scheme, the trained one first.
+    """
+    workdir = pathlib.Path(workdir)
+    config = checkpoint.load_run_config(workdir)
+    trained = config.model.positions.name
+    schemes = schemes or [trained]
+    if "all" in schemes:
+        schemes = [trained] + [name for name in positions.names() if name != trained]
+    for name in schemes:
+        positions.scheme_class(name)
+    if not lengths or min(lengths) < 2:
+        raise ValueError(f"--lengths must be integers >= 2, got {lengths}")
+    checkpoints = checkpoint.Checkpoints(workdir)
+    available = checkpoints.manager.all_steps()
+    checkpoints.close()
+    if not available:
+        raise FileNotFoundError(f"{workdir} holds no checkpoint to evaluate")
+    if step is not None and step not in available:
+        raise ValueError(f"--step {step} has no checkpoint in {workdir}; it has steps {sorted(available)}")
+
+    tokenizer = load_tokenizer(config.data.tokenizer)
+
+    def tokenized(split: str) -> list[np.ndarray]:
+        documents = load_documents(config.data.source, split, text_field=config.data.text_field,
+                                   valid_fraction=config.data.valid_fraction)
+        return tokenize_documents(documents, tokenizer)
+
+    windows = ppl.eval_windows(tokenized("valid"), lengths, num_documents or config.eval.num_documents)
+    unigram = ppl.unigram_log_probs(tokenized("train"), tokenizer.vocab_size)
+    return Evaluation(workdir, config, step or max(available), schemes, lengths, tokenizer, windows, unigram)
+
+
+def run(evaluation: Evaluation) -> dict[str, Any]:
+    """Computes every perplexity of `evaluation`; returns the report as a JSON-able dict."""
+    config, lengths, windows = evaluation.config, evaluation.lengths, evaluation.windows
+    vocab_size = evaluation.tokenizer.vocab_size
+    trained_model = build_model(config.model, vocab_size)
+    abstract = jax.eval_shape(lambda: init_params(trained_model, jax.random.key(0))[0])
+    checkpoints = checkpoint.Checkpoints(evaluation.workdir)
+    params = checkpoints.restore_params(evaluation.step, abstract)
+    checkpoints.close()
+
+    report = {
+        "workdir": str(evaluation.workdir), "step": evaluation.step, "train_seq_len": config.data.seq_len,
+        "lengths": lengths, "num_documents": len(windows[lengths[0]]),
+        "trained_positions": config.model.positions.to_dict(), "ppl": {},
+        "unigram": {str(n): ppl.perplexity(ppl.unigram_nll(evaluation.unigram_log_probs, windows[n]))
+                    for n in lengths},
+    }
+    with tqdm.tqdm(total=len(evaluation.schemes) * len(lengths), desc="eval", disable=None) as bar:
+        for name in evaluation.schemes:
+            model_config = ml_collections.ConfigDict(config.model.to_dict())
+            model_config.positions = scheme_config(config.model.positions, name)
+            model = build_model(model_config, vocab_size)
+            report["ppl"][name] = {}
+            for length in lengths:
+                nll = ppl.model_nll(model, params, windows[length], config.eval.batch_size)
+                report["ppl"][name][str(length)] = ppl.perplexity(nll)
+                bar.update(1)
+    return report
+
+
+def evaluate(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] | None = None,
+             step: int | None = None, num_documents: int | None = None) -> dict[str, Any]:
+    """Evaluates the run in `workdir` (its newest checkpoint, or `step`); returns the report."""
+    return run(prepare(workdir, lengths, schemes, step=step, num_documents=num_documents))

@@ -1,0 +1,34 @@
+"""Models: the Llama-style decoder and its construction from a config."""
+
+import ml_collections
+
+from longctx import positions
+from longctx.config import mask_from_config
+from longctx.models.llama import Llama, LlamaConfig, init_params
+
+
+def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Llama:
+    """The decoder that `model_config` (the `model` section of a longctx config) describes, for `vocab_size` tokens."""
+    scheme_params = {k: v for k, v in model_config.positions.items() if k != "name"}
+    llama_config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=model_config.hidden_size,
+        intermediate_size=model_config.intermediate_size,
+        num_layers=model_config.num_layers,
+        num_heads=model_config.num_heads,
+        num_kv_heads=model_config.num_kv_heads,
+        head_dim=model_config.head_dim,
+        rms_norm_eps=model_config.rms_norm_eps,
+        tie_embeddings=model_config.tie_embeddings,
+        dtype=model_config.dtype,
+        init_std=model_config.init_std,
+        scan_layers=model_config.scan_layers,
+        remat=model_config.remat,
+        attention_impl=model_config.attention.impl,
+        mask=mask_from_config(model_config.attention),
+    )
+    scheme = positions.get(model_config.positions.name, head_dim=model_config.head_dim, **scheme_params)
+    return Llama(llama_config, position_scheme=scheme)
+
+
+__all__ = ["Llama", "LlamaConfig", "build_model", "init_params"]

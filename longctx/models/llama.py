@@ -1,0 +1,190 @@
+"""A Llama-style decoder in functional Flax (linen).
+
+Token embedding → N × [RMSNorm → grouped-query attention → residual → RMSNorm → SwiGLU MLP → residual] → RMSNorm →
+output head (tied to the embedding or not). Touvron et al., "LLaMA" (2023) and "Llama 2" (2023); GQA from Ainslie et
+al. (2023); SwiGLU from Shazeer (2020); RMSNorm from Zhang & Sennrich (2019).
+
+Params are float32 and a plain pytree once unboxed; compute runs in `config.dtype`. Every param and the main
+activations carry logical axis names (`batch`, `length`, `embed`, `q_heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`,
+`norm`, `layers`), so a mesh and a rules table shard the model without touching it. The model knows no position scheme
+and no attention kernel: it calls its `position_scheme` once per forward pass and hands the encoding to every layer,
+which attends through `longctx.attention.attention`.
+"""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from longctx.attention import attention, masks
+from longctx.positions import PositionEncoding, PositionScheme
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Sizes and switches of the decoder (hashable, so it can be a static argument)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    init_std: float = 0.02
+    scan_layers: bool = False
+    remat: str = "none"
+    attention_impl: str = "auto"
+    mask: masks.Mask = masks.Causal()
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {', '.join(REMAT_POLICIES)}, got {self.remat!r}")
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+
+def _dense_init(config: LlamaConfig, axes: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(config.init_std), axes)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x²) + eps) · scale, normalised in float32 and cast back before the scale (as HF does)."""
+
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention: x [B, T, E] → [B, T, E], with num_kv_heads K/V heads shared by the query heads."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, encoding: PositionEncoding, segment_ids: jax.Array | None) -> jax.Array:
+        cfg = self.config
+        dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32)
+        q = dense((cfg.num_heads, cfg.head_dim), kernel_init=_dense_init(cfg, ("embed", "q_heads", "head_dim")),
+                  name="q_proj")(x)
+        k = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_dense_init(cfg, ("embed", "kv_heads", "head_dim")),
+                  name="k_proj")(x)
+        v = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_dense_init(cfg, ("embed", "kv_heads", "head_dim")),
+                  name="v_proj")(x)
+        q = nn.with_logical_constraint(q, ("batch", "length", "q_heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        attend_fn = functools.partial(attention, mask=cfg.mask, segment_ids=segment_ids, impl=cfg.attention_impl)
+        out = encoding.attend(q, k, v, attend_fn)
+        out = nn.with_logical_constraint(out, ("batch", "length", "q_heads", "head_dim"))
+        return dense(cfg.hidden_size, axis=(-2, -1), kernel_init=_dense_init(cfg, ("q_heads", "head_dim", "embed")),
+                     name="o_proj")(out)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) · up(x)): x [B, T, E] → [B, T, E] through a hidden width of intermediate_size."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        dense = functools.partial(nn.Dense, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32)
+        gate = dense(cfg.intermediate_size, kernel_init=_dense_init(cfg, ("embed", "mlp")), name="gate_proj")(x)
+        up = dense(cfg.intermediate_size, kernel_init=_dense_init(cfg, ("embed", "mlp")), name="up_proj")(x)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return dense(cfg.hidden_size, kernel_init=_dense_init(cfg, ("mlp", "embed")), name="down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, encoding: PositionEncoding, segment_ids: jax.Array | None):
+        cfg = self.config
+        norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype)
+        h = x + Attention(cfg, name="attn")(norm(name="attn_norm")(x), encoding, segment_ids)
+        out = h + SwiGLU(cfg, name="mlp")(norm(name="mlp_norm")(h))
+        out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        return (out, None) if cfg.scan_layers else out
+
+
+class Llama(nn.Module):
+    """The decoder: tokens [B, T] int32 → logits [B, T, vocab_size] float32.
+
+    positions [B, T] int32 default to 0..T-1; segment_ids [B, T] int32 (0 = padding) mask attention across packed
+    documents and are None for unpacked input.
+    """
+
+    config: LlamaConfig
+    position_scheme: PositionScheme
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                         embedding_init=_dense_init(cfg, ("vocab", "embed")), name="embed")
+        x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
+        encoding = self.position_scheme(positions)
+
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = layers(cfg, name="layers")(x, encoding, segment_ids)
+        else:
+            for i in range(cfg.num_layers):
+                x = layer(cfg, name=f"layers_{i}")(x, encoding, segment_ids)
+
+        x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+                              kernel_init=_dense_init(cfg, ("embed", "vocab")), name="lm_head")(x)
+        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def init_params(model: Llama, rng: jax.Array, seq_len: int = 8):
+    """(params, logical_axes): the float32 params as a plain pytree, and the same tree of logical PartitionSpecs."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    boxed = jax.jit(model.init)(rng, tokens)["params"]
+    return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)

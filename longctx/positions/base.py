@@ -1,0 +1,54 @@
+"""The position-scheme interface.
+
+A position scheme turns token positions into whatever the attention layers need: rotary tables (RoPE and its
+extensions), a logit scale (YaRN's attention factor, entropy-aware scaling), a different mask (LM-Infinite) or a
+different attention altogether (Self-Extend). The model knows none of these: once per forward pass it calls its scheme
+with the positions and hands the returned `PositionEncoding` to every layer, which calls `encoding.attend(...)`.
+
+A scheme is a linen module so that it may own parameters (CLEX's ODE); those train and checkpoint with the model under
+`params["position_scheme"]`. Schemes without parameters can be called unbound.
+"""
+
+from collections.abc import Callable
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+from flax import struct
+import jax
+
+AttendFn = Callable[..., jax.Array]
+"""`attend_fn(q, k, v, **overrides) -> [B, T, Hq, D]`: `longctx.attention.attention` with the layer's mask, segment ids
+and implementation bound; an encoding may override any of them by keyword (e.g. `mask=` for LM-Infinite)."""
+
+
+class PositionEncoding(struct.PyTreeNode):
+    """What a scheme hands each attention layer for one forward pass: position information and how to attend with it.
+
+    A pytree of arrays, so it passes through `nn.scan` and `nn.remat` as an ordinary argument.
+    The default attends with no position information at all (NoPE).
+    """
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, attend_fn: AttendFn) -> jax.Array:
+        """q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] → [B, T, Hq, D]."""
+        return attend_fn(q, k, v)
+
+
+class PositionScheme(nn.Module):
+    """Base class of every registered scheme. Fields are the scheme's parameters; `head_dim` is set by the model."""
+
+    head_dim: int
+
+    def __call__(self, positions: jax.Array, kv_positions: jax.Array | None = None) -> PositionEncoding:
+        """positions: [B, T] int32 of the queries; kv_positions: [B, S] of the keys (default: the same)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+
+
+def scheme_params(scheme_cls: type[PositionScheme]) -> dict[str, Any]:
+    """The parameters a scheme class takes (dataclass fields but the model-supplied `head_dim`), with defaults
+    (`dataclasses.MISSING` where there is none)."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(scheme_cls)
+        if f.name not in ("head_dim", "parent", "name")
+    }

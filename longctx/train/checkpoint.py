@@ -1,0 +1,154 @@
+"""A run's working directory: its config, its orbax checkpoints, and the rules for resuming or replacing it.
+
+Layout of a workdir:
+    config.json      the run's config (written at the start; a resume must match it)
+    metrics.jsonl    one JSON object per logged step
+    checkpoints/<step>/{params, opt_state, data_iter, config}   (orbax CheckpointManager)
+    tensorboard/     optional event files
+Nothing in a workdir that holds a run is replaced unless the caller passes `overwrite=True`.
+"""
+
+import json
+import pathlib
+import shutil
+from typing import Any
+
+import grain
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR)
+
+# Fields that change how a run is logged or saved, never what it computes: a resume may change them.
+RESUME_MAY_CHANGE = frozenset(
+    {"train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.tensorboard",
+     "eval.num_documents", "eval.batch_size"}
+)
+
+
+class WorkdirError(Exception):
+    """The workdir holds a run that this invocation may not continue or replace."""
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'field: saved → current' for every field that differs, but those a resume may change."""
+    saved_flat, current_flat = flatten(saved), flatten(current)
+    differences = []
+    for field in sorted(set(saved_flat) | set(current_flat)):
+        if field in RESUME_MAY_CHANGE:
+            continue
+        before, after = saved_flat.get(field, "<absent>"), current_flat.get(field, "<absent>")
+        if before != after:
+            differences.append(f"{field}: {before!r} in the run, {after!r} now")
+    return differences
+
+
+def config_as_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as plain JSON types (tuples become lists), as it is stored and compared."""
+    return json.loads(config.to_json())
+
+
+def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, resume: bool,
+                  overwrite: bool) -> None:
+    """Raises WorkdirError, touching nothing, unless this invocation may use `workdir`.
+
+    An empty or new workdir may start a run. One that holds a run may be continued when `resume` and its config
+    matches this one (but for RESUME_MAY_CHANGE), or replaced when `overwrite`.
+    """
+    if resume and overwrite:
+        raise WorkdirError("--resume and --overwrite contradict each other: continue the run or replace it")
+    if not holds_run(workdir) or overwrite:
+        return
+    if not resume:
+        raise WorkdirError(
+            f"{workdir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --workdir"
+        )
+    config_path = workdir / CONFIG_FILE
+    if not config_path.exists():
+        raise WorkdirError(f"{workdir} holds checkpoints but no {CONFIG_FILE}; refusing to guess its config "
+                           "(use --overwrite to replace it, or another --workdir)")
+    differences = config_differences(json.loads(config_path.read_text()), config_as_dict(config))
+    if differences:
+        raise WorkdirError(
+            f"cannot resume the run in {workdir}: its config differs from this one in\n  "
+            + "\n  ".join(differences)
+            + "\nUse the run's own config, --overwrite to replace the run, or another --workdir."
+        )
+
+
+def holds_run(workdir: pathlib.Path) -> bool:
+    return any((workdir / name).exists() for name in RUN_ARTIFACTS)
+
+
+def start_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, overwrite: bool) -> None:
+    """After `check_workdir`: removes the old run's own files if `overwrite`, and writes the config of a new run."""
+    if overwrite:
+        for name in RUN_ARTIFACTS:
+            path = workdir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    if not (workdir / CONFIG_FILE).exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / CONFIG_FILE).write_text(config.to_json(indent=2) + "\n")
+
+
+def load_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+    """The config a run in `workdir` was trained with."""
+    path = workdir / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"--workdir {workdir} holds no run: {CONFIG_FILE} is missing")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+class Checkpoints:
+    """Orbax checkpoints of a run: params, optimizer state, data-iterator state and config, saved together per step."""
+
+    def __init__(self, workdir: pathlib.Path, keep: int = 2, create: bool = False):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+        self.manager = ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, params, opt_state, data_iter: grain.DatasetIterator,
+             config: ml_collections.ConfigDict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            data_iter=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(config_as_dict(config)),
+        ))
+
+    def restore_training(self, step: int, abstract_params, abstract_opt_state, data_iter: grain.DatasetIterator):
+        """(params, opt_state) of `step`; `data_iter` is set to where it was when that step was saved."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+        ))
+        return restored.params, restored.opt_state
+
+    def restore_params(self, step: int, abstract_params):
+        return self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params))).params
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

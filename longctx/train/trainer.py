@@ -1,0 +1,154 @@
+"""The training loop, top to bottom: config → data → model → jitted step → metrics and orbax checkpoints.
+
+`train(config, workdir)` runs `config.train.steps` optimizer steps (the schedule's length), or stops after
+`stop_after` with a checkpoint as a time-limited job would; `resume=True` continues from the newest checkpoint so that
+every later loss equals the uninterrupted run's: params, optimizer state and the data iterator's position all
+come back from the checkpoint, and the step is one compiled program.
+"""
+
+import dataclasses
+import functools
+import logging
+import pathlib
+import time
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from longctx.config import validate
+from longctx.data import (Tokenizer, load_documents, load_tokenizer, packed_batches, split_into_pieces,
+                          tokenize_documents)
+from longctx.models import build_model, init_params
+from longctx.train import checkpoint, metrics
+from longctx.train.loss import next_token_loss
+from longctx.train.optim import make_optimizer
+
+log = logging.getLogger("longctx.train")
+
+
+def train_step(params, opt_state, batch, *, model, optimizer, grad_accum_steps):
+    """One optimizer update on `batch` ([batch_size, T] arrays), split into `grad_accum_steps` micro-batches.
+
+    The gradient is that of the mean loss over every counted token of the whole batch, whatever the split.
+    """
+
+    def loss_and_count(params, micro):
+        logits = model.apply({"params": params}, micro["tokens"], micro["positions"], micro["segment_ids"])
+        return next_token_loss(logits, micro["tokens"], micro["segment_ids"])
+
+    grad_fn = jax.value_and_grad(loss_and_count, has_aux=True)
+
+    def accumulate(carry, micro):
+        grads, loss_sum, count = carry
+        (micro_loss, micro_count), micro_grads = grad_fn(params, micro)
+        return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_loss, count + micro_count), None
+
+    micro_batches = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, loss_sum, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro_batches)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads),
+                               "loss_tokens": count}
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, tokenizer):
+    """The grain iterator of packed training batches; its state is saved in every checkpoint."""
+    documents = load_documents(config.data.source, "train", text_field=config.data.text_field,
+                               valid_fraction=config.data.valid_fraction)
+    pieces = split_into_pieces(tokenize_documents(documents, tokenizer), config.data.seq_len)
+    dataset = packed_batches(pieces, seq_len=config.data.seq_len, batch_size=config.train.batch_size,
+                             seed=config.seed, pad_id=tokenizer.pad_id)
+    return iter(dataset)
+
+
+@dataclasses.dataclass
+class Run:
+    """A training run whose inputs have all been checked: what `prepare` hands to `fit`."""
+
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    tokenizer: Tokenizer
+    data_iter: grain.DatasetIterator
+    resume: bool
+    end_step: int
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, resume: bool = False,
+            overwrite: bool = False, stop_after: int | None = None) -> Run:
+    """Checks everything the user gave (config, tokenizer, workdir, data) before any training work.
+
+    Raises ValueError, FileNotFoundError or WorkdirError with a message naming the culprit.
+    """
+    workdir = pathlib.Path(workdir)
+    validate(config)
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"--stop_after must be a positive step number, got {stop_after}")
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    checkpoint.check_workdir(workdir, config, resume=resume, overwrite=overwrite)
+    data_iter = make_train_iterator(config, tokenizer)
+    checkpoint.start_workdir(workdir, config, overwrite=overwrite)
+    end_step = min(config.train.steps, stop_after or config.train.steps)
+    return Run(config, workdir, tokenizer, data_iter, resume, end_step)
+
+
+def fit(run: Run) -> list[dict]:
+    """Trains `run` to its end step; returns the metrics records logged by this invocation."""
+    config, workdir, data_iter, end_step = run.config, run.workdir, run.data_iter, run.end_step
+    model = build_model(config.model, run.tokenizer.vocab_size)
+    optimizer, schedule = make_optimizer(config.train)
+    params, _ = init_params(model, jax.random.key(config.seed))
+    opt_state = optimizer.init(params)
+    checkpoints = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints, create=True)
+    start_step = (checkpoints.latest_step() or 0) if run.resume else 0
+    if start_step:
+        params, opt_state = checkpoints.restore_training(start_step, params, opt_state, data_iter)
+        log.info("resumed %s at step %d", workdir, start_step)
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    log.info("model: %s params; %d tokens per step; steps %d..%d of %d", f"{num_params:,}",
+             config.train.batch_size * config.data.seq_len, start_step + 1, end_step, config.train.steps)
+
+    step_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
+                                        grad_accum_steps=config.train.grad_accum_steps), donate_argnums=(0, 1))
+    metrics_log = metrics.MetricsLog(
+        workdir / checkpoint.METRICS_FILE, resume_step=start_step,
+        tensorboard_dir=workdir / checkpoint.TENSORBOARD_DIR if config.train.tensorboard else None)
+    bar = metrics.progress_bar(total=config.train.steps, initial=start_step)
+    records = []
+    tokens_per_step = config.train.batch_size * config.data.seq_len
+    last_time, last_step = time.perf_counter(), start_step
+    for step in range(start_step + 1, end_step + 1):
+        batch = {key: jnp.asarray(value) for key, value in next(data_iter).items()}
+        params, opt_state, step_metrics = step_fn(params, opt_state, batch)
+        bar.update(1)
+        if step % config.train.log_every == 0 or step == end_step:
+            step_metrics = {key: float(value) for key, value in jax.device_get(step_metrics).items()}
+            now = time.perf_counter()
+            record = {"step": step, **step_metrics, "learning_rate": float(schedule(step - 1)),
+                      "tokens_per_s": tokens_per_step * (step - last_step) / (now - last_time)}
+            last_time, last_step = now, step
+            metrics_log.write(record)
+            metrics.show(bar, record)
+            records.append(record)
+            if not np.isfinite(record["loss"]):
+                raise FloatingPointError(f"loss is {record['loss']} at step {step}; stopping (see {workdir})")
+        if step % config.train.checkpoint_every == 0 or step == end_step:
+            checkpoints.save(step, params, opt_state, data_iter, config)
+    bar.close()
+    checkpoints.close()
+    metrics_log.close()
+    if start_step >= end_step:
+        log.info("nothing to train: the run in %s is already at step %d", workdir, start_step)
+    return records
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, resume: bool = False,
+          overwrite: bool = False, stop_after: int | None = None) -> list[dict]:
+    """Checks the inputs, then trains the run in `workdir`; returns the metrics records logged by this invocation."""
+    return fit(prepare(config, workdir, resume=resume, overwrite=overwrite, stop_after=stop_after))

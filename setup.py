@@ -1,0 +1,44 @@
+"""longctx: long-context language models in JAX — position extension, block-sparse and ring attention, evaluation."""
+
+import setuptools
+
+# Core versions match what the GPU machines run; keep them in step with each other.
+JAX_VERSION = "0.11.2"
+
+setuptools.setup(
+    name="longctx",
+    version="0.1.0",
+    description="Long-context language models in JAX/Flax: context extension, sparse attention kernels, evaluation.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.12",
+    packages=setuptools.find_packages(include=["longctx", "longctx.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=[
+        f"jax=={JAX_VERSION}",
+        f"jaxlib=={JAX_VERSION}",
+        "flax==0.12.10",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.4",
+        "ml-collections==1.1.0",
+        "grain>=0.2.12,<0.3",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "sentencepiece>=0.2",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        "gpu": [f"jax[cuda13]=={JAX_VERSION}"],
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+        "tfds": ["tensorflow-datasets>=4.9"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "tensorboardX>=2.6"],
+    },
+    entry_points={
+        "console_scripts": [
+            "longctx-train=longctx.train.__main__:run",
+            "longctx-eval=longctx.eval.__main__:run",
+        ]
+    },
+)

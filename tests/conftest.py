@@ -1,0 +1,77 @@
+"""Shared fixtures: a small deterministic text corpus and a config that trains on it in seconds."""
+
+import json
+import pathlib
+
+import ml_collections
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing in old green trees "
+         "and rivers run to the sea under a pale moon").split()
+
+
+def write_corpus(directory: pathlib.Path, num_docs: int = 40, seed: int = 0) -> str:
+    """A .jsonl corpus of `num_docs` documents of repeated word patterns (learnable fast); returns its glob."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / "corpus.jsonl").open("w") as f:
+        for i in range(num_docs):
+            start = int(rng.integers(len(WORDS)))
+            n = int(rng.integers(40, 160))
+            text = " ".join(WORDS[(start + j) % len(WORDS)] for j in range(n)) + "."
+            f.write(json.dumps({"id": i, "text": text}) + "\n")
+    return str(directory / "*.jsonl")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> str:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def tiny_config(source: str, **overrides) -> ml_collections.ConfigDict:
+    """The test model: 2 layers of width 32 at length 32, batch 4; `overrides` maps dotted field names to values."""
+    from longctx.config import base_config
+
+    config = base_config()
+    config.model.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                        dtype="float32")
+    config.model.attention.impl = "xla"
+    config.data.update(source=source, seq_len=32, valid_fraction=0.2)
+    config.train.update(steps=12, batch_size=4, learning_rate=1e-2, warmup_steps=2, log_every=1,
+                        checkpoint_every=4)
+    config.eval.update(num_documents=4, batch_size=2)
+    for key, value in overrides.items():
+        *path, field = key.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[field] = value
+    return config
+
+
+@pytest.fixture(scope="session")
+def make_config(corpus):
+    """make_config(**{"train.steps": 5}) → the tiny config on the session's corpus, with overrides."""
+    return lambda **overrides: tiny_config(corpus, **overrides)
+
+
+def _write_config_file(config: ml_collections.ConfigDict, directory: pathlib.Path) -> pathlib.Path:
+    """A config file for the command line whose get_config() returns `config`."""
+    (directory / "config_values.json").write_text(config.to_json())
+    path = directory / "test_config.py"
+    path.write_text(
+        "import json, pathlib\nimport ml_collections\n\n"
+        "def get_config():\n"
+        "    values = json.loads((pathlib.Path(__file__).parent / 'config_values.json').read_text())\n"
+        "    return ml_collections.ConfigDict(values)\n"
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def config_file():
+    """config_file(config, directory) → path of a config file for `--config` that yields `config`."""
+    return _write_config_file

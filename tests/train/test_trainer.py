@@ -1,0 +1,134 @@
+"""Training: the loss falls, resuming reproduces the uninterrupted run exactly, and the workdir is never clobbered."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longctx.data import load_tokenizer
+from longctx.models import build_model, init_params
+from longctx.train import checkpoint, train
+from longctx.train.optim import make_optimizer
+from longctx.train.trainer import make_train_iterator, train_step
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+HORIZON = 24  # steps compared between interrupted and uninterrupted runs
+
+
+def read_metrics(workdir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def math_of(records: list[dict]) -> list[tuple]:
+    """What must be identical between runs: step, loss, gradient norm, learning rate (not the timing)."""
+    return [(r["step"], r["loss"], r["grad_norm"], r["learning_rate"]) for r in records]
+
+
+@pytest.fixture(scope="module")
+def long_schedule(make_config):
+    """The test config with a 200-step schedule, of which runs here train the first HORIZON steps."""
+    return make_config(**{"train.steps": 200})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, long_schedule):
+    """The reference: the first HORIZON steps, run straight through."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    train(long_schedule, workdir, stop_after=HORIZON)
+    return read_metrics(workdir)
+
+
+def test_loss_falls_and_metrics_are_logged(uninterrupted):
+    assert [r["step"] for r in uninterrupted] == list(range(1, HORIZON + 1))
+    assert {"step", "loss", "tokens_per_s", "grad_norm", "learning_rate", "loss_tokens"} <= set(uninterrupted[0])
+    first, last = uninterrupted[0]["loss"], np.mean([r["loss"] for r in uninterrupted[-4:]])
+    assert first > 4.5  # about log(259) at initialisation
+    assert last < 0.6 * first
+
+
+def test_stop_after_then_resume_matches_uninterrupted(tmp_path, long_schedule, uninterrupted):
+    train(long_schedule, tmp_path, stop_after=6)
+    assert checkpoint.Checkpoints(tmp_path).latest_step() == 6
+    train(long_schedule, tmp_path, resume=True, stop_after=HORIZON)
+    assert math_of(read_metrics(tmp_path)) == math_of(uninterrupted)
+
+
+def test_killed_run_resumes_to_the_same_losses(tmp_path, long_schedule, uninterrupted, config_file):
+    """SIGKILL a command-line run right after its step-4 checkpoint lands, resume it: every loss is the same."""
+    path = config_file(long_schedule, tmp_path)
+    workdir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "longctx.train", f"--config={path}", f"--workdir={workdir}"],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (workdir / "checkpoints" / "4").exists():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    killed_at = max(r["step"] for r in read_metrics(workdir))
+    restored = checkpoint.Checkpoints(workdir).latest_step()
+    assert restored is not None and restored < HORIZON, (restored, killed_at)
+
+    train(long_schedule, workdir, resume=True, stop_after=HORIZON)
+    assert math_of(read_metrics(workdir)) == math_of(uninterrupted)
+
+
+def test_gradient_accumulation_gives_the_same_update(make_config):
+    config = make_config()
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    batch = {k: jnp.asarray(v) for k, v in next(make_train_iterator(config, tokenizer)).items()}
+    model = build_model(config.model, tokenizer.vocab_size)
+    optimizer, _ = make_optimizer(config.train)
+    params, _ = init_params(model, jax.random.key(0))
+    results = [jax.jit(lambda p, o, b, n=n: train_step(p, o, b, model=model, optimizer=optimizer,
+                                                       grad_accum_steps=n))(params, optimizer.init(params), batch)
+               for n in (1, 2, 4)]
+    for params_n, _, metrics_n in results[1:]:
+        np.testing.assert_allclose(metrics_n["loss"], results[0][2]["loss"], rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_n, results[0][0])
+
+
+def test_workdir_is_refused_resumed_or_replaced_never_clobbered(tmp_path, make_config):
+    config = make_config(**{"train.steps": 2})
+    train(config, tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    before = (tmp_path / "metrics.jsonl").read_text()
+
+    with pytest.raises(checkpoint.WorkdirError, match="already holds a run; pass --resume"):
+        train(config, tmp_path)
+    wider = make_config(**{"train.steps": 2, "model.hidden_size": 64})
+    with pytest.raises(checkpoint.WorkdirError, match=r"model.hidden_size: 32 in the run, 64 now"):
+        train(wider, tmp_path, resume=True)
+    with pytest.raises(checkpoint.WorkdirError, match="contradict"):
+        train(config, tmp_path, resume=True, overwrite=True)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+    train(make_config(**{"train.steps": 2, "train.log_every": 5}), tmp_path, resume=True)  # logging may change
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # already at its last step: nothing re-run
+
+    train(wider, tmp_path, overwrite=True)
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["hidden_size"] == 64
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_bad_data_or_tokenizer_fails_before_the_workdir_is_touched(tmp_path, make_config):
+    workdir = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="data.source"):
+        train(make_config(**{"data.source": str(tmp_path / "missing/*.jsonl")}), workdir)
+    with pytest.raises(FileNotFoundError, match="data.tokenizer"):
+        train(make_config(**{"data.tokenizer": str(tmp_path / "missing.json")}), workdir)
+    assert not workdir.exists()
+
+
+def test_tensorboard_events_are_written(tmp_path, make_config):
+    train(make_config(**{"train.steps": 2, "train.tensorboard": True}), tmp_path)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
