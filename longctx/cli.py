@@ -1,6 +1,7 @@
 """What the command-line entry points share: the `--config` flag, checked before absl parses it."""
 
 import difflib
+import logging
 import runpy
 import sys
 
@@ -56,3 +57,10 @@ def check_config_overrides(argv: list[str], default: str | None = "configs/tiny.
             node, walked = node[key], walked + [key]
     if problems:
         sys.exit("error: unknown config field\n  " + "\n  ".join(problems))
+
+
+def setup_logging() -> None:
+    """Our INFO messages as plain lines; the libraries' own INFO chatter (orbax logs every save) only at WARNING."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for chatty in ("absl", "jax"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)

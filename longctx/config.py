@@ -8,9 +8,8 @@ allowed, before any work is done.
 import ml_collections
 
 from longctx import positions
-from longctx.attention import masks
+from longctx.attention import impl_names, masks
 
-ATTENTION_IMPLS = ("auto", "reference", "xla", "cudnn")
 MASK_FIELDS = {"causal": (), "sliding_window": ("window",), "sinks_window": ("sinks", "window")}
 CONFIG_ARG_KEYS = ("positions",)
 
@@ -118,8 +117,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from longctx.models import build_model  # Building the model checks every model field.
 
     build_model(config.model, vocab_size=1)
-    if config.model.attention.impl not in ATTENTION_IMPLS:
-        raise ValueError(f"model.attention.impl must be one of {', '.join(ATTENTION_IMPLS)}, "
+    if config.model.attention.impl not in impl_names():
+        raise ValueError(f"model.attention.impl must be one of {', '.join(impl_names())}, "
                          f"got {config.model.attention.impl!r}")
     positive = {
         "data.seq_len": config.data.seq_len, "train.steps": config.train.steps,

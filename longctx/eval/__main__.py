@@ -4,12 +4,12 @@ Evaluates a trained run at each length under each position scheme, prints a tabl
 it, and writes report.json, report.md and ppl_vs_length.png into --output_dir (default: the workdir).
 """
 
-import logging
 import pathlib
 import sys
 
 from absl import app, flags
 
+from longctx import cli
 from longctx.eval.report import ppl_table, write_report
 from longctx.eval import suite
 
@@ -26,7 +26,7 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the report goes (de
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli.setup_logging()
     try:
         lengths = [int(n) for n in _LENGTHS.value]
     except ValueError:

@@ -8,10 +8,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PPL_PLOT = "ppl_vs_length.png"
+
+
+def scheme_label(report: dict[str, Any], scheme: str) -> str:
+    return f"{scheme} (trained)" if scheme == report["trained_positions"]["name"] else scheme
 
 
 def ppl_table(report: dict[str, Any]) -> str:
@@ -20,8 +25,7 @@ def ppl_table(report: dict[str, Any]) -> str:
     header = "| scheme | " + " | ".join(f"ppl@{length}" for length in lengths) + " |"
     rows = [header, "|---|" + "---:|" * len(lengths)]
     for scheme, by_length in report["ppl"].items():
-        label = f"{scheme} (trained)" if scheme == report["trained_positions"]["name"] else scheme
-        rows.append(f"| {label} | " + " | ".join(f"{by_length[str(n)]['ppl']:.3f}" for n in lengths) + " |")
+        rows.append(f"| {scheme_label(report, scheme)} | " + " | ".join(f"{by_length[str(n)]['ppl']:.3f}" for n in lengths) + " |")
     rows.append("| unigram baseline | " + " | ".join(f"{report['unigram'][str(n)]['ppl']:.3f}" for n in lengths)
                 + " |")
     return "\n".join(rows)
@@ -32,17 +36,19 @@ def plot_ppl(report: dict[str, Any], path: pathlib.Path) -> None:
     lengths = report["lengths"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for scheme, by_length in report["ppl"].items():
-        ax.plot(lengths, [by_length[str(n)]["ppl"] for n in lengths], marker="o", label=scheme)
+        ax.plot(lengths, [by_length[str(n)]["ppl"] for n in lengths], marker="o", label=scheme_label(report, scheme))
     ax.plot(lengths, [report["unigram"][str(n)]["ppl"] for n in lengths], linestyle="--", color="gray",
             label="unigram baseline")
     ax.axvline(report["train_seq_len"], color="black", linestyle=":", linewidth=1, label="training length")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"Perplexity vs length — {pathlib.Path(report['workdir']).name}, step {report['step']}")
-    ax.legend()
+    ax.legend(loc="best")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

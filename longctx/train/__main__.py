@@ -3,7 +3,6 @@
 Trains the model a config describes; see longctx/config.py for every field.
 """
 
-import logging
 import sys
 
 from absl import app, flags
@@ -26,7 +25,7 @@ _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop after this step wit
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cli.setup_logging()
     try:
         run = prepare(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value, overwrite=_OVERWRITE.value,
                       stop_after=_STOP_AFTER.value)

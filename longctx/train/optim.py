@@ -10,13 +10,13 @@ import optax
 
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=train.learning_rate,
-        warmup_steps=train.warmup_steps,
-        decay_steps=train.steps,
-        end_value=train.learning_rate * train.min_lr_ratio,
-    )
+    """Linear warm-up over `warmup_steps` updates, then cosine decay over the rest (at least one update)."""
+    peak = train.learning_rate
+    decay = optax.cosine_decay_schedule(peak, max(train.steps - train.warmup_steps, 1), alpha=train.min_lr_ratio)
+    if train.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, peak, train.warmup_steps)
+    return optax.join_schedules([warmup, decay], [train.warmup_steps])
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
