@@ -158,7 +158,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mask = ma
     mask: a `masks.Mask` over absolute positions; query row t sits at position q_offset + t (q_offset: int or traced
     int32 scalar; S - T for a query block at the end of the keys, as when decoding with a KV cache).
     segment_ids: [B, T] int; kv_segment_ids: [B, S] int, defaulting to segment_ids when S == T. Tokens attend only
-    within their segment, and segment 0 (padding) attends to nothing and is attended by nothing.
+    within their segment, and segment 0 (padding) attends to nothing and is attended by nothing; the mask then sees
+    positions within the segment, so a packed document gets the mask it would get alone.
     scale: defaults to 1/sqrt(D). normalizer: "softmax". impl: one of `impl_names()`.
     Returns out [B, T, Hq, D] in q.dtype (exactly 0 on a row that attends to nothing), or (out, lse) with lse
     [B, T, Hq] float32 (-inf on such a row) when return_lse. Semantics: `reference.py`.

@@ -6,7 +6,9 @@ returns a bool array, True where query i may attend to key j. `mask.materialize(
 [T, S] numpy matrix for queries q_offset .. q_offset + T - 1 against keys 0 .. S - 1.
 
 Masks compose with `|` (Union) and `&` (Intersection). Segment ids (packed documents, padding) are not masks: they are
-a separate argument of `longctx.attention.attention` and are applied on top of the mask.
+a separate argument of `longctx.attention.attention` and are applied on top of the mask. With segment ids, i and j
+are positions within the segment (counted from its first key), so a packed document sees the same mask as it would
+alone; masks that are `relative` (depend on i - j only) give the same result on row indices.
 The split of mask spec and evaluation follows splash attention's masks (jax.experimental.pallas.ops.tpu).
 """
 
@@ -55,6 +57,11 @@ class Mask:
         """q_idx, kv_idx: broadcastable int arrays of absolute positions → bool array of their broadcast shape."""
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
 
+    @property
+    def relative(self) -> bool:
+        """True when mask(i, j) depends on i - j only, so a shift of both positions leaves it unchanged."""
+        return False
+
     def validate(self, T: int, S: int, q_offset: int | jax.Array) -> None:
         """Raises ValueError if this mask cannot be evaluated for T queries starting at q_offset against S keys."""
 
@@ -80,6 +87,10 @@ class Mask:
 class Full(Mask):
     """Every query attends to every key (no mask)."""
 
+    @property
+    def relative(self) -> bool:
+        return True
+
     def __call__(self, q_idx, kv_idx):
         xp = _array_module(q_idx, kv_idx)
         return xp.ones(np.broadcast_shapes(np.shape(q_idx), np.shape(kv_idx)), dtype=bool)
@@ -89,6 +100,10 @@ class Full(Mask):
 @dataclasses.dataclass(frozen=True)
 class Causal(Mask):
     """Query i attends to keys j <= i."""
+
+    @property
+    def relative(self) -> bool:
+        return True
 
     def __call__(self, q_idx, kv_idx):
         return kv_idx <= q_idx
@@ -103,6 +118,10 @@ class SlidingWindow(Mask):
 
     def __post_init__(self):
         _check_positive_int("SlidingWindow", "window", self.window)
+
+    @property
+    def relative(self) -> bool:
+        return True
 
     def __call__(self, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < self.window)
@@ -180,6 +199,10 @@ class _Combination(Mask):
     def validate(self, T: int, S: int, q_offset: int | jax.Array) -> None:
         self.left.validate(T, S, q_offset)
         self.right.validate(T, S, q_offset)
+
+    @property
+    def relative(self) -> bool:
+        return self.left.relative and self.right.relative
 
 
 @dataclasses.dataclass(frozen=True)

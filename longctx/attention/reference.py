@@ -3,6 +3,9 @@
 For query t (absolute position i = q_offset + t) and query head h, with G = Hq // Hkv and kv head h // G:
 
     allowed[t, s] = mask(i, s) and segment_ids[t] == kv_segment_ids[s] != 0
+
+With segment ids the mask sees positions within the segment instead: mask(i - f, s - f'), where f and f' are the
+first key index of the query's and the key's segment (so a packed document gets the mask it would get alone).
     logits[t, s]  = scale · q[t, h] · k[s, h // G]
     out[t, h]     = Σ_s softmax_s(logits[t, s] where allowed, else -inf) · v[s, h // G]
     lse[t, h]     = log Σ_{s allowed} exp(logits[t, s])
@@ -83,14 +86,25 @@ def attention_mask(mask: masks.Mask, T: int, S: int, *, q_offset: int | jax.Arra
     """Where query t may attend to key s: bool [1, T, S] without segment ids, else [B, T, S].
 
     The mask is evaluated on iotas (q_offset may be traced), so XLA fuses it rather than embedding a [T, S] constant.
+    With segment ids, a mask that is not `relative` is evaluated on positions within each segment.
     """
-    q_idx = jnp.arange(T, dtype=jnp.int32)[:, None] + q_offset
-    kv_idx = jnp.arange(S, dtype=jnp.int32)[None, :]
-    allowed = jnp.broadcast_to(mask(q_idx, kv_idx), (T, S))[None]
-    if segment_ids is not None:
-        q_seg, kv_seg = segment_ids[:, :, None], kv_segment_ids[:, None, :]
-        allowed = allowed & (q_seg == kv_seg) & (q_seg != 0)
-    return allowed
+    q_idx = jnp.arange(T, dtype=jnp.int32)[None, :, None] + q_offset
+    kv_idx = jnp.arange(S, dtype=jnp.int32)[None, None, :]
+    if segment_ids is None:
+        return jnp.broadcast_to(mask(q_idx, kv_idx), (1, T, S))
+    q_seg, kv_seg = segment_ids[:, :, None], kv_segment_ids[:, None, :]
+    same_segment = q_seg == kv_seg
+    if not mask.relative:
+        q_idx = q_idx - _segment_starts(same_segment)[:, :, None]
+        kv_idx = kv_idx - _segment_starts(kv_segment_ids[:, :, None] == kv_seg)[:, None, :]
+    return mask(q_idx, kv_idx) & same_segment & (q_seg != 0)
+
+
+def _segment_starts(same_segment: jax.Array) -> jax.Array:
+    """same_segment bool [B, N, S] (row n's segment == key s's) → int32 [B, N], the first key of row n's segment
+    (S when it has none)."""
+    S = same_segment.shape[-1]
+    return jnp.min(jnp.where(same_segment, jnp.arange(S, dtype=jnp.int32), S), axis=-1)
 
 
 def _grouped_logits(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:

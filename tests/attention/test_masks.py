@@ -44,6 +44,20 @@ def test_call_on_traced_indices_matches_materialize(mask):
     np.testing.assert_array_equal(dense(jnp.int32(q_offset)), mask.materialize(T, S, q_offset))
 
 
+@pytest.mark.parametrize("mask, relative", [
+    (masks.Full(), True), (masks.Causal(), True), (masks.SlidingWindow(3), True),
+    (masks.Causal() & masks.SlidingWindow(2), True), (masks.SinksAndWindow(1, 3), False),
+    (masks.Explicit(np.tril(np.ones((6, 6), bool))), False), (masks.Causal() | masks.SinksAndWindow(2, 2), False),
+])
+def test_relative_masks_are_shift_invariant(mask, relative):
+    """`relative` is what lets attention skip per-segment positions; check it against a shift of both positions."""
+    assert mask.relative is relative
+    if relative:
+        for shift in (1, 3):
+            np.testing.assert_array_equal(mask.materialize(3, 6, q_offset=shift)[:, shift:],
+                                          mask.materialize(3, 6 - shift, q_offset=0))
+
+
 def test_explicit_call_on_traced_indices():
     array = np.random.default_rng(0).random((3, 5)) < 0.5
     mask = masks.Explicit(array)

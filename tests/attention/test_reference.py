@@ -20,7 +20,7 @@ MASKS = {
     "full": (masks.Full(), lambda i, j: True),
     "causal": (masks.Causal(), lambda i, j: j <= i),
     "sliding_window": (masks.SlidingWindow(3), lambda i, j: j <= i and i - j < 3),
-    "sinks_window": (masks.SinksAndWindow(2, 3), lambda i, j: j <= i and (j < 2 or i - j < 3)),
+    "sinks_window": (masks.SinksAndWindow(1, 2), lambda i, j: j <= i and (j < 1 or i - j < 2)),
     "explicit": (masks.Explicit(EXPLICIT), lambda i, j: EXPLICIT[i, j]),
 }
 HEADS = {"gqa": (4, 2), "mha": (2, 2)}
@@ -46,10 +46,14 @@ def naive_attention(q, k, v, allowed, scale):
 
 
 def naive_allowed(rule, T, q_offset, seg_q, seg_kv, B=2):
+    """With segments, the rule sees positions counted from the first key of each segment."""
     allowed = np.zeros((B, T, S), bool)
     for b, t, s in itertools.product(range(B), range(T), range(S)):
-        same_doc = seg_q is None or (seg_q[b, t] == seg_kv[b, s] and seg_q[b, t] != 0)
-        allowed[b, t, s] = rule(q_offset + t, s) and same_doc
+        if seg_q is None:
+            allowed[b, t, s] = rule(q_offset + t, s)
+        elif seg_q[b, t] == seg_kv[b, s] != 0:
+            first = list(seg_kv[b]).index(seg_kv[b, s])
+            allowed[b, t, s] = rule(q_offset + t - first, s - first)
     return allowed
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from longctx import positions
+from longctx.attention import masks
 from longctx.models import Llama, LlamaConfig, init_params
 
 CONFIG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -87,9 +88,11 @@ def test_remat_changes_memory_not_results(remat):
 
 
 @pytest.mark.parametrize("scheme", ["rope", "none"])
-def test_packed_documents_do_not_see_each_other(scheme):
-    """Two documents packed in one row give the logits each gets alone (positions restart, attention is masked)."""
-    model = make_model(scheme)
+@pytest.mark.parametrize("mask", [masks.Causal(), masks.SlidingWindow(3), masks.SinksAndWindow(1, 2)], ids=repr)
+def test_packed_documents_do_not_see_each_other(scheme, mask):
+    """Two documents packed in one row give the logits each gets alone (positions restart, attention is masked, and
+    the mask is evaluated within each document)."""
+    model = make_model(scheme, mask=mask)
     params, _ = init_params(model, jax.random.key(0))
     doc_a, doc_b = tokens(1, 5, seed=1), tokens(1, 7, seed=2)
     packed = jnp.concatenate([doc_a, doc_b, jnp.zeros((1, 2), jnp.int32)], axis=1)
