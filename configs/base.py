@@ -1,4 +1,4 @@
-"""The base config: a ~125M-parameter Llama-style model trained at 4K on one GPU.
+"""The base config: a ~76M-parameter Llama-style model (byte vocabulary) trained at 4K on one GPU.
 
     python -m longctx.train --config configs/base.py --workdir runs/base
     python -m longctx.train --config configs/base.py:positions=none --workdir runs/base_nope

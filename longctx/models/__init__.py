@@ -4,7 +4,7 @@ import ml_collections
 
 from longctx import positions
 from longctx.config import mask_from_config
-from longctx.models.llama import Llama, LlamaConfig, init_params
+from longctx.models.llama import Llama, LlamaConfig, check_forward, init_params
 
 
 def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Llama:
@@ -27,8 +27,15 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Lla
         attention_impl=model_config.attention.impl,
         mask=mask_from_config(model_config.attention),
     )
-    scheme = positions.get(model_config.positions.name, head_dim=model_config.head_dim, **scheme_params)
+    name = model_config.positions.name
+    foreign = sorted(set(scheme_params) - set(positions.default_params(name)))
+    if foreign:
+        raise ValueError(
+            f"model.positions.name={name!r} does not take model.positions.{', model.positions.'.join(foreign)} "
+            f"(the parameters of another scheme); switch schemes with --config=<file>:positions={name}, which gives "
+            f"model.positions the scheme's own parameters")
+    scheme = positions.get(name, head_dim=model_config.head_dim, **scheme_params)
     return Llama(llama_config, position_scheme=scheme)
 
 
-__all__ = ["Llama", "LlamaConfig", "build_model", "init_params"]
+__all__ = ["Llama", "LlamaConfig", "build_model", "check_forward", "init_params"]

@@ -188,3 +188,14 @@ def init_params(model: Llama, rng: jax.Array, seq_len: int = 8):
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     boxed = jax.jit(model.init)(rng, tokens)["params"]
     return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def check_forward(model: Llama, batch_size: int, seq_len: int, *, packed: bool) -> None:
+    """Traces `model` abstractly (no compute) on a [batch_size, seq_len] batch, with segment ids when `packed`, so that
+    an attention request no implementation can honour on this platform raises ValueError (naming
+    `model.attention.impl`) before any work is done."""
+    tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    try:
+        jax.eval_shape(model.init, jax.random.key(0), tokens, tokens, tokens if packed else None)
+    except NotImplementedError as e:
+        raise ValueError(f"model.attention.impl={model.config.attention_impl!r}: {e}") from None

@@ -22,7 +22,7 @@ import optax
 from longctx.config import validate
 from longctx.data import (Tokenizer, load_documents, load_tokenizer, packed_batches, split_into_pieces,
                           tokenize_documents)
-from longctx.models import build_model, init_params
+from longctx.models import build_model, check_forward, init_params
 from longctx.train import checkpoint, metrics
 from longctx.train.loss import next_token_loss
 from longctx.train.optim import make_optimizer
@@ -88,13 +88,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, r
     """
     workdir = pathlib.Path(workdir)
     validate(config)
-    if stop_after is not None and stop_after < 1:
-        raise ValueError(f"--stop_after must be a positive step number, got {stop_after}")
+    if stop_after is not None and not 1 <= stop_after <= config.train.steps:
+        raise ValueError(f"--stop_after must be a step in [1, train.steps={config.train.steps}], got {stop_after}")
     tokenizer = load_tokenizer(config.data.tokenizer)
+    check_forward(build_model(config.model, tokenizer.vocab_size),
+                  config.train.batch_size // config.train.grad_accum_steps, config.data.seq_len, packed=True)
     checkpoint.check_workdir(workdir, config, resume=resume, overwrite=overwrite)
     data_iter = make_train_iterator(config, tokenizer)
     checkpoint.start_workdir(workdir, config, overwrite=overwrite)
-    end_step = min(config.train.steps, stop_after or config.train.steps)
+    end_step = stop_after or config.train.steps
     return Run(config, workdir, tokenizer, data_iter, resume, end_step)
 
 

@@ -61,22 +61,41 @@ def test_stop_after_then_resume_matches_uninterrupted(tmp_path, long_schedule, u
     assert math_of(read_metrics(tmp_path)) == math_of(uninterrupted)
 
 
+def _logged_steps(workdir: pathlib.Path) -> list[int]:
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if line.endswith("}")]
+
+
+def _finished_checkpoints(workdir: pathlib.Path) -> list[int]:
+    """Steps whose checkpoint orbax has finalised (it renames a temporary directory to the bare step number)."""
+    directory = workdir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+
+
 def test_killed_run_resumes_to_the_same_losses(tmp_path, long_schedule, uninterrupted, config_file):
-    """SIGKILL a command-line run right after its step-4 checkpoint lands, resume it: every loss is the same."""
+    """SIGKILL a command-line run between checkpoints (after it logged steps its newest checkpoint does not hold),
+    resume it: the extra lines are dropped and every loss is the same."""
     path = config_file(long_schedule, tmp_path)
     workdir = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "longctx.train", f"--config={path}", f"--workdir={workdir}"],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
-    while not (workdir / "checkpoints" / "4").exists():
+    while True:  # Freeze the process whenever it logs; kill it once the log is ahead of a finished checkpoint.
         assert process.poll() is None, process.stderr.read().decode()
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.01)
+        assert time.monotonic() < deadline, "no checkpoint followed by a logged step after 300 s"
+        if _logged_steps(workdir):
+            process.send_signal(signal.SIGSTOP)
+            steps, finished = _logged_steps(workdir), _finished_checkpoints(workdir)
+            if finished and max(steps) > finished[-1]:
+                break
+            process.send_signal(signal.SIGCONT)
+        time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-    killed_at = max(r["step"] for r in read_metrics(workdir))
+    killed_at = max(_logged_steps(workdir))
     restored = checkpoint.Checkpoints(workdir).latest_step()
-    assert restored is not None and restored < HORIZON, (restored, killed_at)
+    assert restored is not None and restored < killed_at < HORIZON, (restored, killed_at)
 
     train(long_schedule, workdir, resume=True, stop_after=HORIZON)
     assert math_of(read_metrics(workdir)) == math_of(uninterrupted)
@@ -120,12 +139,16 @@ def test_workdir_is_refused_resumed_or_replaced_never_clobbered(tmp_path, make_c
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_bad_data_or_tokenizer_fails_before_the_workdir_is_touched(tmp_path, make_config):
+def test_bad_input_fails_before_the_workdir_is_touched(tmp_path, make_config):
     workdir = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match="data.source"):
         train(make_config(**{"data.source": str(tmp_path / "missing/*.jsonl")}), workdir)
     with pytest.raises(FileNotFoundError, match="data.tokenizer"):
         train(make_config(**{"data.tokenizer": str(tmp_path / "missing.json")}), workdir)
+    with pytest.raises(ValueError, match=r"model.attention.impl='cudnn': attention impl='cudnn' cannot run"):
+        train(make_config(**{"model.attention.impl": "cudnn"}), workdir)
+    with pytest.raises(ValueError, match=r"--stop_after must be a step in \[1, train.steps=12\], got 13"):
+        train(make_config(), workdir, stop_after=13)
     assert not workdir.exists()
 
 
