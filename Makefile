@@ -9,7 +9,7 @@ DEMO_DIR ?= runs/demo
 
 demo: $(STAMP)
 	$(PY) -m longctx.train --config configs/tiny.py --workdir $(DEMO_DIR) --resume
-	$(PY) -m longctx.eval --workdir $(DEMO_DIR) --lengths 256,512,1024,2048 --positions all
+	$(PY) -m longctx.eval --workdir $(DEMO_DIR) --lengths 256,512,1024,2048 --positions all --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

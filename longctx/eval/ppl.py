@@ -1,8 +1,11 @@
 """Perplexity at a given context length, and the unigram baseline beside it.
 
 Perplexity over N windows of L tokens is exp(mean over the N·(L−1) predicted tokens of −log p(x_{t+1} | x_{≤t})).
-Windows are the first L tokens of held-out documents at least as long as the longest length evaluated, so that every
-length reads the same documents and only the context grows.
+Windows are the first L tokens of the first N held-out documents at least as long as the longest length evaluated,
+so every length reads the same documents and ppl@L differs from ppl@L' only by the tokens L' < t ≤ L and the context
+they see. This is the protocol of Position Interpolation (Chen et al., 2023) and YaRN (Peng et al., 2023): each
+document truncated at every length. Which documents qualify depends on the longest length asked for, so numbers are
+comparable between evaluations with the same --lengths maximum and --num_documents (the report records both).
 """
 
 import jax

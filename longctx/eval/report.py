@@ -10,9 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-PPL_PLOT = "ppl_vs_length.png"
+from longctx.train.checkpoint import REPORT_FILES  # noqa: E402
+
+REPORT_JSON, REPORT_MD, PPL_PLOT = REPORT_FILES
 
 
 def scheme_label(report: dict[str, Any], scheme: str) -> str:
@@ -53,6 +53,14 @@ def plot_ppl(report: dict[str, Any], path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def check_output_dir(output_dir: pathlib.Path, *, overwrite: bool) -> None:
+    """Raises FileExistsError when `output_dir` already holds a report and `overwrite` is not set."""
+    existing = [name for name in REPORT_FILES if (output_dir / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{output_dir} already holds {', '.join(existing)} from an earlier evaluation; pass "
+                              f"--overwrite to replace them, or --output_dir to write elsewhere")
 
 
 def write_report(report: dict[str, Any], output_dir: pathlib.Path) -> dict[str, pathlib.Path]:

@@ -5,6 +5,7 @@ swapped, taking over the trained scheme's parameters that the new one shares (e.
 """
 
 import dataclasses
+import logging
 import pathlib
 from typing import Any
 
@@ -17,8 +18,10 @@ from longctx import positions
 from longctx.config import positions_config
 from longctx.data import Tokenizer, load_documents, load_tokenizer, tokenize_documents
 from longctx.eval import ppl
-from longctx.models import build_model, init_params
+from longctx.models import build_model, check_forward, init_params
 from longctx.train import checkpoint
+
+log = logging.getLogger("longctx.eval")
 
 
 def scheme_config(trained: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -41,6 +44,20 @@ class Evaluation:
     unigram_log_probs: np.ndarray
 
 
+def scheme_model(config: ml_collections.ConfigDict, name: str, vocab_size: int):
+    """The run's model with position scheme `name` in place of the trained one (same parameters)."""
+    model_config = ml_collections.ConfigDict(config.model.to_dict())
+    model_config.positions = scheme_config(config.model.positions, name)
+    return build_model(model_config, vocab_size)
+
+
+def check_lengths(lengths: list[int]) -> None:
+    if not lengths or any(not isinstance(n, int) or n < 2 for n in lengths):
+        raise ValueError(f"--lengths must be integers >= 2, got {lengths}")
+    if any(a >= b for a, b in zip(lengths, lengths[1:])):
+        raise ValueError(f"--lengths must be increasing without repeats, got {','.join(map(str, lengths))}")
+
+
 def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] | None = None,
             step: int | None = None, num_documents: int | None = None) -> Evaluation:
     """Checks the request and loads the held-out windows; raises ValueError / FileNotFoundError naming the culprit.
@@ -53,10 +70,14 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
     schemes = schemes or [trained]
     if "all" in schemes:
         schemes = [trained] + [name for name in positions.names() if name != trained]
+    if len(set(schemes)) != len(schemes):
+        raise ValueError(f"--positions names a scheme twice: {','.join(schemes)}")
     for name in schemes:
         positions.scheme_class(name)
-    if not lengths or min(lengths) < 2:
-        raise ValueError(f"--lengths must be integers >= 2, got {lengths}")
+    check_lengths(lengths)
+    num_documents = config.eval.num_documents if num_documents is None else num_documents
+    if isinstance(num_documents, bool) or not isinstance(num_documents, int) or num_documents < 1:
+        raise ValueError(f"--num_documents must be a positive int, got {num_documents!r}")
     checkpoints = checkpoint.Checkpoints(workdir)
     available = checkpoints.manager.all_steps()
     checkpoints.close()
@@ -66,13 +87,21 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
         raise ValueError(f"--step {step} has no checkpoint in {workdir}; it has steps {sorted(available)}")
 
     tokenizer = load_tokenizer(config.data.tokenizer)
+    for name in schemes:
+        model = scheme_model(config, name, tokenizer.vocab_size)
+        for length in lengths:
+            check_forward(model, config.eval.batch_size, length, packed=False)
 
     def tokenized(split: str) -> list[np.ndarray]:
         documents = load_documents(config.data.source, split, text_field=config.data.text_field,
                                    valid_fraction=config.data.valid_fraction)
         return tokenize_documents(documents, tokenizer)
 
-    windows = ppl.eval_windows(tokenized("valid"), lengths, num_documents or config.eval.num_documents)
+    windows = ppl.eval_windows(tokenized("valid"), lengths, num_documents)
+    found = len(windows[lengths[0]])
+    if found < num_documents:
+        log.warning("only %d held-out documents have %d tokens or more; evaluating on %d, not the %d asked for",
+                    found, max(lengths), found, num_documents)
     unigram = ppl.unigram_log_probs(tokenized("train"), tokenizer.vocab_size)
     return Evaluation(workdir, config, step or max(available), schemes, lengths, tokenizer, windows, unigram)
 
@@ -96,9 +125,7 @@ def run(evaluation: Evaluation) -> dict[str, Any]:
     }
     with tqdm.tqdm(total=len(evaluation.schemes) * len(lengths), desc="eval", disable=None) as bar:
         for name in evaluation.schemes:
-            model_config = ml_collections.ConfigDict(config.model.to_dict())
-            model_config.positions = scheme_config(config.model.positions, name)
-            model = build_model(model_config, vocab_size)
+            model = scheme_model(config, name, vocab_size)
             report["ppl"][name] = {}
             for length in lengths:
                 nll = ppl.model_nll(model, params, windows[length], config.eval.batch_size)

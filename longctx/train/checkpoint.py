@@ -5,6 +5,7 @@ Layout of a workdir:
     metrics.jsonl    one JSON object per logged step
     checkpoints/<step>/{params, opt_state, data_iter, config}   (orbax CheckpointManager)
     tensorboard/     optional event files
+    report.json, report.md, ppl_vs_length.png   written by longctx.eval (by default into the workdir)
 Nothing in a workdir that holds a run is replaced unless the caller passes `overwrite=True`.
 """
 
@@ -21,7 +22,8 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
-RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR)
+REPORT_FILES = ("report.json", "report.md", "ppl_vs_length.png")
+RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR, *REPORT_FILES)
 
 # Fields that change how a run is logged or saved, never what it computes: a resume may change them.
 RESUME_MAY_CHANGE = frozenset(

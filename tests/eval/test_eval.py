@@ -76,6 +76,25 @@ def test_evaluation_errors_name_the_problem(trained_run, tmp_path):
         suite.prepare(trained_run, [16], step=3)
     with pytest.raises(FileNotFoundError, match="holds no run"):
         suite.prepare(tmp_path, [16])
+    with pytest.raises(ValueError, match="--lengths must be increasing without repeats, got 32,16"):
+        suite.prepare(trained_run, [32, 16])
+    with pytest.raises(ValueError, match="--lengths must be increasing without repeats, got 16,16"):
+        suite.prepare(trained_run, [16, 16])
+    with pytest.raises(ValueError, match=r"--lengths must be integers >= 2, got \[1, 16\]"):
+        suite.prepare(trained_run, [1, 16])
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"--num_documents must be a positive int, got {bad}"):
+            suite.prepare(trained_run, [16], num_documents=bad)
+    with pytest.raises(ValueError, match="--positions names a scheme twice: rope,rope"):
+        suite.prepare(trained_run, [16], ["rope", "rope"])
+
+
+def test_fewer_documents_than_asked_is_said(trained_run, caplog):
+    with caplog.at_level("WARNING", logger="longctx.eval"):
+        evaluation = suite.prepare(trained_run, [16], num_documents=1000)
+    found = len(evaluation.windows[16])
+    assert 1 <= found < 1000
+    assert f"only {found} held-out documents have 16 tokens or more" in caplog.text
 
 
 def test_command_line_prints_the_table(trained_run, tmp_path):
@@ -85,3 +104,12 @@ def test_command_line_prints_the_table(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| rope (trained) |" in result.stdout and "| unigram baseline |" in result.stdout
     assert (tmp_path / "ppl_vs_length.png").exists()
+    before = (tmp_path / "report.json").read_text()
+
+    again = [sys.executable, "-m", "longctx.eval", f"--workdir={trained_run}", "--lengths=16", f"--output_dir={tmp_path}"]
+    refused = subprocess.run(again, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "already holds report.json, report.md, ppl_vs_length.png" in refused.stderr
+    assert (tmp_path / "report.json").read_text() == before
+    replaced = subprocess.run(again + ["--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((tmp_path / "report.json").read_text())["lengths"] == [16]

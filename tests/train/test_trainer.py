@@ -134,9 +134,11 @@ def test_workdir_is_refused_resumed_or_replaced_never_clobbered(tmp_path, make_c
     train(make_config(**{"train.steps": 2, "train.log_every": 5}), tmp_path, resume=True)  # logging may change
     assert (tmp_path / "metrics.jsonl").read_text() == before  # already at its last step: nothing re-run
 
+    (tmp_path / "report.json").write_text("{}")  # the old run's evaluation goes with it
     train(wider, tmp_path, overwrite=True)
     assert json.loads((tmp_path / "config.json").read_text())["model"]["hidden_size"] == 64
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "report.json").exists()
 
 
 def test_bad_input_fails_before_the_workdir_is_touched(tmp_path, make_config):
