@@ -7,6 +7,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from longctx.train.determinism import request_deterministic_gpu_ops
+
+request_deterministic_gpu_ops()  # before any test computes: exact-resume tests compare losses bit for bit
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing in old green trees "

@@ -9,6 +9,7 @@ from absl import app, flags
 
 from longctx import cli
 from longctx.train.checkpoint import WorkdirError
+from longctx.train.determinism import request_deterministic_gpu_ops
 from longctx.train.trainer import fit, prepare
 
 _CONFIG = cli.define_config_flag()
@@ -35,6 +36,7 @@ def main(argv):
 
 
 def run():
+    request_deterministic_gpu_ops()
     cli.check_config_overrides(sys.argv)
     app.run(main)
 

@@ -24,6 +24,7 @@ from longctx.data import (Tokenizer, load_documents, load_tokenizer, packed_batc
                           tokenize_documents)
 from longctx.models import build_model, check_forward, init_params
 from longctx.train import checkpoint, metrics
+from longctx.train.determinism import warn_if_not_reproducible
 from longctx.train.loss import next_token_loss
 from longctx.train.optim import make_optimizer
 
@@ -88,6 +89,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, r
     """
     workdir = pathlib.Path(workdir)
     validate(config)
+    warn_if_not_reproducible()
     if stop_after is not None and not 1 <= stop_after <= config.train.steps:
         raise ValueError(f"--stop_after must be a step in [1, train.steps={config.train.steps}], got {stop_after}")
     tokenizer = load_tokenizer(config.data.tokenizer)
