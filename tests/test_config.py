@@ -31,12 +31,7 @@ def test_config_argument_picks_the_position_scheme():
 
 def _invalid(**changes):
     config = base_config()
-    for key, value in changes.items():
-        *path, field = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[field] = value
+    config.update_from_flattened_dict(changes)
     return config
 
 

@@ -9,7 +9,9 @@ import tqdm
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per logged step.
+    """`metrics.jsonl`: one JSON object per logged step: step, loss (mean over the tokens that carry a loss),
+    grad_norm, learning_rate (the one that step used), loss_tokens (how many tokens carried a loss) and tokens_per_s
+    (every position of the batch, padding included, per second of wall time since the previous logged step).
 
     Opening it at `resume_step` drops the lines of later steps (logged by a run that died before its next checkpoint),
     so that a resumed run's file reads exactly like an uninterrupted one's.
