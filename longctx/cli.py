@@ -7,6 +7,7 @@ import sys
 
 import ml_collections
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 
@@ -61,6 +62,7 @@ def check_config_overrides(argv: list[str], default: str | None = "configs/tiny.
 
 def setup_logging() -> None:
     """Our INFO messages as plain lines; the libraries' own INFO chatter (orbax logs every save) only at WARNING."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    absl_logging.get_absl_handler().setFormatter(logging.Formatter("%(message)s"))
+    absl_logging.set_verbosity(absl_logging.INFO)
     for chatty in ("absl", "jax"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
