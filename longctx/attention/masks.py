@@ -149,7 +149,9 @@ class SinksAndWindow(Mask):
 @register("explicit")
 @dataclasses.dataclass(frozen=True, eq=False)
 class Explicit(Mask):
-    """An arbitrary boolean [T, S] mask; row i is query i (so it only fits q_offset = 0), column j is key j.
+    """An arbitrary boolean [T, S] mask; row i is query position i (so it only fits q_offset = 0), column j is key
+    position j. With segment ids positions count from each segment's start, so every packed document reads the
+    array's top-left block from its own first token; positions outside the array are not allowed.
 
     Equality and hash go by shape and content, so equal arrays give equal (jit-cacheable) specs.
     """
@@ -166,7 +168,10 @@ class Explicit(Mask):
         object.__setattr__(self, "array", array)
 
     def __call__(self, q_idx, kv_idx):
-        return _array_module(q_idx, kv_idx).asarray(self.array)[q_idx, kv_idx]
+        xp = _array_module(q_idx, kv_idx)
+        T, S = self.array.shape
+        inside = (q_idx >= 0) & (q_idx < T) & (kv_idx >= 0) & (kv_idx < S)
+        return inside & xp.asarray(self.array)[xp.clip(q_idx, 0, T - 1), xp.clip(kv_idx, 0, S - 1)]
 
     def validate(self, T: int, S: int, q_offset: int | jax.Array) -> None:
         if self.array.shape != (T, S):

@@ -3,12 +3,13 @@
 For query t (absolute position i = q_offset + t) and query head h, with G = Hq // Hkv and kv head h // G:
 
     allowed[t, s] = mask(i, s) and segment_ids[t] == kv_segment_ids[s] != 0
-
-With segment ids the mask sees positions within the segment instead: mask(i - f, s - f'), where f and f' are the
-first key index of the query's and the key's segment (so a packed document gets the mask it would get alone).
     logits[t, s]  = scale · q[t, h] · k[s, h // G]
     out[t, h]     = Σ_s softmax_s(logits[t, s] where allowed, else -inf) · v[s, h // G]
     lse[t, h]     = log Σ_{s allowed} exp(logits[t, s])
+
+With segment ids the mask sees positions within the segment: mask(i - f, s - f) where f is the first key of the
+segment (each segment is one run of equal ids, as packing writes it), so a packed document gets the mask it would get
+alone. Masks that are `relative` give the same on row indices and skip that shift.
 
 A row with nothing allowed outputs exactly 0 and has lse = -inf; its gradients are 0, never NaN. Logits, softmax and
 lse are float32 at highest matmul precision whatever the input dtype; the output is cast to q.dtype. Grouped-query
@@ -95,16 +96,17 @@ def attention_mask(mask: masks.Mask, T: int, S: int, *, q_offset: int | jax.Arra
     q_seg, kv_seg = segment_ids[:, :, None], kv_segment_ids[:, None, :]
     same_segment = q_seg == kv_seg
     if not mask.relative:
-        q_idx = q_idx - _segment_starts(same_segment)[:, :, None]
-        kv_idx = kv_idx - _segment_starts(kv_segment_ids[:, :, None] == kv_seg)[:, None, :]
+        first_key = jnp.min(jnp.where(same_segment, kv_idx, S), axis=-1, keepdims=True)  # [B, T, 1]; S if none
+        q_idx, kv_idx = q_idx - first_key, kv_idx - _run_starts(kv_segment_ids)[:, None, :]
     return mask(q_idx, kv_idx) & same_segment & (q_seg != 0)
 
 
-def _segment_starts(same_segment: jax.Array) -> jax.Array:
-    """same_segment bool [B, N, S] (row n's segment == key s's) → int32 [B, N], the first key of row n's segment
-    (S when it has none)."""
-    S = same_segment.shape[-1]
-    return jnp.min(jnp.where(same_segment, jnp.arange(S, dtype=jnp.int32), S), axis=-1)
+def _run_starts(segment_ids: jax.Array) -> jax.Array:
+    """[B, S] int ids → int32 [B, S]: the index where each key's run of equal ids begins (O(S), unlike a [S, S] min)."""
+    S = segment_ids.shape[1]
+    iota = jnp.arange(S, dtype=jnp.int32)
+    begins = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return jax.lax.cummax(jnp.where(begins, iota, 0), axis=1)
 
 
 def _grouped_logits(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:

@@ -6,6 +6,7 @@ swapped, taking over the trained scheme's parameters that the new one shares (e.
 
 import dataclasses
 import logging
+import numbers
 import pathlib
 from typing import Any
 
@@ -52,7 +53,7 @@ def scheme_model(config: ml_collections.ConfigDict, name: str, vocab_size: int):
 
 
 def check_lengths(lengths: list[int]) -> None:
-    if not lengths or any(not isinstance(n, int) or n < 2 for n in lengths):
+    if not lengths or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2 for n in lengths):
         raise ValueError(f"--lengths must be integers >= 2, got {lengths}")
     if any(a >= b for a, b in zip(lengths, lengths[1:])):
         raise ValueError(f"--lengths must be increasing without repeats, got {','.join(map(str, lengths))}")
@@ -76,7 +77,7 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
         positions.scheme_class(name)
     check_lengths(lengths)
     num_documents = config.eval.num_documents if num_documents is None else num_documents
-    if isinstance(num_documents, bool) or not isinstance(num_documents, int) or num_documents < 1:
+    if isinstance(num_documents, bool) or not isinstance(num_documents, numbers.Integral) or num_documents < 1:
         raise ValueError(f"--num_documents must be a positive int, got {num_documents!r}")
     checkpoints = checkpoint.Checkpoints(workdir)
     available = checkpoints.manager.all_steps()

@@ -18,7 +18,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory of the run: config, m
 _RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its newest checkpoint "
                             "(starts a new run if the workdir holds none).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the run in --workdir (its config, metrics, "
-                               "checkpoints) with a new one.")
+                               "checkpoints, TensorBoard events and evaluation report) with a new one.")
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop after this step with a checkpoint, as a time-limited "
                                    "job would; --resume continues it.")
 

@@ -23,7 +23,7 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 REPORT_FILES = ("report.json", "report.md", "ppl_vs_length.png")
-RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR, *REPORT_FILES)
+RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR)  # a workdir with any of these holds a run
 
 # Fields that change how a run is logged or saved, never what it computes: a resume may change them.
 RESUME_MAY_CHANGE = frozenset(
@@ -98,9 +98,10 @@ def holds_run(workdir: pathlib.Path) -> bool:
 
 
 def start_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, overwrite: bool) -> None:
-    """After `check_workdir`: removes the old run's own files if `overwrite`, and writes the config of a new run."""
+    """After `check_workdir`: removes the old run's own files and its report if `overwrite`, and writes the config
+    of a new run."""
     if overwrite:
-        for name in RUN_ARTIFACTS:
+        for name in (*RUN_ARTIFACTS, *REPORT_FILES):
             path = workdir / name
             if path.is_dir():
                 shutil.rmtree(path)

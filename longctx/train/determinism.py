@@ -15,16 +15,27 @@ FLAG = "--xla_gpu_deterministic_ops"
 log = logging.getLogger("longctx.train")
 
 
+def _flag_values() -> list[str]:
+    """The values XLA_FLAGS gives the flag, in order (a bare flag means true)."""
+    return [arg.partition("=")[2].lower() or "true" for arg in os.environ.get("XLA_FLAGS", "").split()
+            if arg.partition("=")[0] == FLAG]
+
+
 def request_deterministic_gpu_ops() -> None:
     """Adds `--xla_gpu_deterministic_ops=true` to XLA_FLAGS unless the user's XLA_FLAGS already set it either way."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if FLAG not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {FLAG}=true".strip()
+    if not _flag_values():
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FLAG}=true".strip()
+
+
+def deterministic_ops_requested() -> bool:
+    """Whether XLA_FLAGS turns the flag on (XLA takes its last mention)."""
+    values = _flag_values()
+    return bool(values) and values[-1] in ("true", "1")
 
 
 def warn_if_not_reproducible() -> None:
     """Logs a warning on a GPU backend when XLA_FLAGS does not ask for deterministic ops."""
-    if jax.default_backend() == "gpu" and f"{FLAG}=true" not in os.environ.get("XLA_FLAGS", ""):
+    if jax.default_backend() == "gpu" and not deterministic_ops_requested():
         log.warning("this GPU run is not bitwise reproducible: set XLA_FLAGS=%s=true before jax starts (the "
                     "longctx.train command does) for a resume to log exactly the losses of an uninterrupted run",
                     FLAG)

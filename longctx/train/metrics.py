@@ -21,8 +21,10 @@ class MetricsLog:
         self.path = path
         kept = []
         if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            if lines and not lines[-1].endswith("}"):
+                lines.pop()  # torn by a run killed mid-write
+            kept = [line for line in lines if json.loads(line)["step"] <= resume_step]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)

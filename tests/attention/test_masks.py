@@ -149,3 +149,9 @@ def test_registry():
 def test_registry_errors(name, params, match):
     with pytest.raises(ValueError, match=match):
         masks.get(name, **params)
+
+
+def test_explicit_refuses_positions_outside_its_array():
+    mask = masks.Explicit(np.ones((2, 3), bool))
+    allowed = mask(np.array([[-1], [0], [2]]), np.array([[-1, 0, 2, 3]]))
+    np.testing.assert_array_equal(allowed, [[False] * 4, [False, True, True, False], [False] * 4])

@@ -128,3 +128,16 @@ def test_traced_q_offset_matches_static():
     mask = masks.SinksAndWindow(1, 2)
     traced = jax.jit(lambda offset: reference_attention(q, k, v, mask=mask, q_offset=offset))(jnp.int32(3))
     np.testing.assert_allclose(traced, reference_attention(q, k, v, mask=mask, q_offset=3), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mask_name", ["sinks_window", "causal"])
+def test_query_segments_need_not_be_a_slice_of_the_keys(mask_name):
+    """Queries whose segment is absent from the keys attend to nothing; a traced q_offset gives the same result."""
+    mask, rule = MASKS[mask_name]
+    q, k, v = make_qkv(4, 4, 2, seed=3)
+    seg_q = np.array([[2, 2, 9, 0], [4, 3, 4, 4]], np.int32)  # 9 is in no key row; row 1 is not a slice of its keys
+    expected, _ = naive_attention(q, k, v, naive_allowed(rule, 4, 4, seg_q, KV_SEGMENTS), scale=0.25)
+    run = jax.jit(lambda offset: reference_attention(q, k, v, mask=mask, segment_ids=seg_q,
+                                                     kv_segment_ids=KV_SEGMENTS, q_offset=offset))
+    np.testing.assert_allclose(run(jnp.int32(4)), expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(run(jnp.int32(4)))[0, 2:], 0.0)

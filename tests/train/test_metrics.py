@@ -28,3 +28,10 @@ def test_a_new_run_starts_an_empty_file(tmp_path):
     path.write_text(json.dumps({"step": 3, "loss": 1.0}) + "\n")
     MetricsLog(path, resume_step=0).close()
     assert path.read_text() == ""
+
+
+def test_a_line_torn_by_a_kill_is_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n" + '{"step": 2, "lo')
+    MetricsLog(path, resume_step=4).close()
+    assert _steps(path) == [1]

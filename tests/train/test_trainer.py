@@ -78,14 +78,17 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, long_schedule, uninterr
     resume it: the extra lines are dropped and every loss is the same."""
     path = config_file(long_schedule, tmp_path)
     workdir = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "longctx.train", f"--config={path}", f"--workdir={workdir}"],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "longctx.train", f"--config={path}",
+                                    f"--workdir={workdir}"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 300
     while True:  # Freeze the process whenever it logs; kill it once the log is ahead of a finished checkpoint.
-        assert process.poll() is None, process.stderr.read().decode()
+        assert process.poll() is None, stderr.read_text()
         assert time.monotonic() < deadline, "no checkpoint followed by a logged step after 300 s"
         if _logged_steps(workdir):
             process.send_signal(signal.SIGSTOP)
+            os.waitpid(process.pid, os.WUNTRACED)  # returns once every thread has stopped
             steps, finished = _logged_steps(workdir), _finished_checkpoints(workdir)
             if finished and max(steps) > finished[-1]:
                 break
