@@ -1,4 +1,5 @@
-"""The default config: a ~0.85M-parameter model on bytes of the Python stdlib, at length 256; trains on a CPU in minutes.
+"""The default config: a ~0.85M-parameter model on bytes of the Python stdlib at length 256; trains on a CPU in
+minutes.
 
     python -m longctx.train --config configs/tiny.py --workdir runs/tiny
     python -m longctx.eval --workdir runs/tiny --lengths 256,512,1024,2048

@@ -38,7 +38,7 @@ def parse_config_arg(arg: str | None) -> dict[str, str]:
 
 
 def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """A ~76M-parameter Llama-style model (byte vocabulary) at 4K on bytes of the stdlib corpus; `arg` may pick `positions=<scheme>`."""
+    """A ~76M-parameter Llama-style model at 4K on the stdlib corpus's bytes; `arg` may pick `positions=<scheme>`."""
     options = parse_config_arg(arg)
     c = ml_collections.ConfigDict()
     c.seed = 0  # Seeds the parameter initialisation and the data order.

@@ -102,7 +102,7 @@ def attention_mask(mask: masks.Mask, T: int, S: int, *, q_offset: int | jax.Arra
 
 
 def _run_starts(segment_ids: jax.Array) -> jax.Array:
-    """[B, S] int ids → int32 [B, S]: the index where each key's run of equal ids begins (O(S), unlike a [S, S] min)."""
+    """[B, S] int ids → int32 [B, S]: the index where each key's run of equal ids begins, in O(S)."""
     S = segment_ids.shape[1]
     iota = jnp.arange(S, dtype=jnp.int32)
     begins = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)

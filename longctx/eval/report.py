@@ -24,7 +24,8 @@ def ppl_table(report: dict[str, Any]) -> str:
     header = "| scheme | " + " | ".join(f"ppl@{length}" for length in lengths) + " |"
     rows = [header, "|---|" + "---:|" * len(lengths)]
     for scheme, by_length in report["ppl"].items():
-        rows.append(f"| {scheme_label(report, scheme)} | " + " | ".join(f"{by_length[str(n)]['ppl']:.3f}" for n in lengths) + " |")
+        cells = " | ".join(f"{by_length[str(n)]['ppl']:.3f}" for n in lengths)
+        rows.append(f"| {scheme_label(report, scheme)} | {cells} |")
     rows.append("| unigram baseline | " + " | ".join(f"{report['unigram'][str(n)]['ppl']:.3f}" for n in lengths)
                 + " |")
     return "\n".join(rows)

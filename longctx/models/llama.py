@@ -87,7 +87,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention: x [B, T, E] → [B, T, E], with num_kv_heads K/V heads shared by the query heads."""
+    """Grouped-query self-attention: x [B, T, E] → [B, T, E]; num_kv_heads K/V heads are shared by the query heads."""
 
     config: LlamaConfig
 

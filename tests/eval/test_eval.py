@@ -106,7 +106,8 @@ def test_command_line_prints_the_table(trained_run, tmp_path):
     assert (tmp_path / "ppl_vs_length.png").exists()
     before = (tmp_path / "report.json").read_text()
 
-    again = [sys.executable, "-m", "longctx.eval", f"--workdir={trained_run}", "--lengths=16", f"--output_dir={tmp_path}"]
+    again = [sys.executable, "-m", "longctx.eval", f"--workdir={trained_run}", "--lengths=16",
+             f"--output_dir={tmp_path}"]
     refused = subprocess.run(again, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "already holds report.json, report.md, ppl_vs_length.png" in refused.stderr
     assert (tmp_path / "report.json").read_text() == before
