@@ -20,9 +20,8 @@ import numpy as np
 import optax
 
 from longctx.config import validate
-from longctx.data import (Tokenizer, load_documents, load_tokenizer, packed_batches, split_into_pieces,
-                          tokenize_documents)
-from longctx.models import build_model, check_forward, init_params
+from longctx.data import load_documents, load_tokenizer, packed_batches, split_into_pieces, tokenize_documents
+from longctx.models import Llama, build_model, check_forward, init_params
 from longctx.train import checkpoint, metrics
 from longctx.train.determinism import warn_if_not_reproducible
 from longctx.train.loss import next_token_loss
@@ -75,7 +74,7 @@ class Run:
 
     config: ml_collections.ConfigDict
     workdir: pathlib.Path
-    tokenizer: Tokenizer
+    model: Llama
     data_iter: grain.DatasetIterator
     resume: bool
     end_step: int
@@ -93,19 +92,18 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, r
     if stop_after is not None and not 1 <= stop_after <= config.train.steps:
         raise ValueError(f"--stop_after must be a step in [1, train.steps={config.train.steps}], got {stop_after}")
     tokenizer = load_tokenizer(config.data.tokenizer)
-    check_forward(build_model(config.model, tokenizer.vocab_size),
-                  config.train.batch_size // config.train.grad_accum_steps, config.data.seq_len, packed=True)
+    model = build_model(config.model, tokenizer.vocab_size)
+    check_forward(model, config.train.batch_size // config.train.grad_accum_steps, config.data.seq_len, packed=True)
     checkpoint.check_workdir(workdir, config, resume=resume, overwrite=overwrite)
     data_iter = make_train_iterator(config, tokenizer)
     checkpoint.start_workdir(workdir, config, overwrite=overwrite)
     end_step = stop_after or config.train.steps
-    return Run(config, workdir, tokenizer, data_iter, resume, end_step)
+    return Run(config, workdir, model, data_iter, resume, end_step)
 
 
 def fit(run: Run) -> list[dict]:
     """Trains `run` to its end step; returns the metrics records logged by this invocation."""
-    config, workdir, data_iter, end_step = run.config, run.workdir, run.data_iter, run.end_step
-    model = build_model(config.model, run.tokenizer.vocab_size)
+    config, workdir, model, data_iter, end_step = run.config, run.workdir, run.model, run.data_iter, run.end_step
     optimizer, schedule = make_optimizer(config.train)
     params, _ = init_params(model, jax.random.key(config.seed))
     opt_state = optimizer.init(params)
