@@ -116,7 +116,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first field whose value is not allowed."""
     from longctx.models import build_model  # Building the model checks every model field.
 
-    build_model(config.model, vocab_size=1)
     if config.model.attention.impl not in impl_names():
         raise ValueError(f"model.attention.impl must be one of {', '.join(impl_names())}, "
                          f"got {config.model.attention.impl!r}")
@@ -132,6 +131,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{field} must be a positive int, got {value!r}")
     if config.data.seq_len < 2:
         raise ValueError(f"data.seq_len must be >= 2 (a token and its successor), got {config.data.seq_len}")
+    build_model(config.model, vocab_size=1, train_len=config.data.seq_len)
     if config.train.batch_size % config.train.grad_accum_steps:
         raise ValueError(f"train.batch_size ({config.train.batch_size}) must be a multiple of "
                          f"train.grad_accum_steps ({config.train.grad_accum_steps})")

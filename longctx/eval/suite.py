@@ -49,7 +49,7 @@ def scheme_model(config: ml_collections.ConfigDict, name: str, vocab_size: int):
     """The run's model with position scheme `name` in place of the trained one (same parameters)."""
     model_config = ml_collections.ConfigDict(config.model.to_dict())
     model_config.positions = scheme_config(config.model.positions, name)
-    return build_model(model_config, vocab_size)
+    return build_model(model_config, vocab_size, config.data.seq_len)
 
 
 def check_lengths(lengths: list[int]) -> None:
@@ -111,7 +111,7 @@ def run(evaluation: Evaluation) -> dict[str, Any]:
     """Computes every perplexity of `evaluation`; returns the report as a JSON-able dict."""
     config, lengths, windows = evaluation.config, evaluation.lengths, evaluation.windows
     vocab_size = evaluation.tokenizer.vocab_size
-    trained_model = build_model(config.model, vocab_size)
+    trained_model = build_model(config.model, vocab_size, config.data.seq_len)
     abstract = jax.eval_shape(lambda: init_params(trained_model, jax.random.key(0))[0])
     checkpoints = checkpoint.Checkpoints(evaluation.workdir)
     params = checkpoints.restore_params(evaluation.step, abstract)

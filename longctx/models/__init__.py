@@ -7,9 +7,14 @@ from longctx.config import mask_from_config
 from longctx.models.llama import Llama, LlamaConfig, check_forward, init_params
 
 
-def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Llama:
-    """The decoder that `model_config` (the `model` section of a longctx config) describes, for `vocab_size` tokens."""
+def build_model(model_config: ml_collections.ConfigDict, vocab_size: int, train_len: int) -> Llama:
+    """The decoder that `model_config` (the `model` section of a longctx config) describes, for `vocab_size` tokens.
+
+    `train_len` (the run's data.seq_len) stands in for a scheme's `original_max_position_embeddings` left None.
+    """
     scheme_params = {k: v for k, v in model_config.positions.items() if k != "name"}
+    if scheme_params.get(positions.TRAIN_LENGTH_FIELD, 0) is None:
+        scheme_params[positions.TRAIN_LENGTH_FIELD] = train_len
     llama_config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=model_config.hidden_size,

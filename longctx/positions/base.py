@@ -18,8 +18,10 @@ from flax import struct
 import jax
 
 AttendFn = Callable[..., jax.Array]
-"""`attend_fn(q, k, v, **overrides) -> [B, T, Hq, D]`: `longctx.attention.attention` with the layer's mask, segment ids
-and implementation bound; an encoding may override any of them by keyword (e.g. `mask=` for LM-Infinite)."""
+"""`attend_fn(q, k, v, *, within=None, **overrides) -> [B, T, Hq, D]`: `longctx.attention.attention` with the layer's
+mask, segment ids and implementation bound. `within` (a `masks.Mask`) narrows the layer's mask to its intersection
+with `within` (LM-Infinite's Λ, Self-Extend's neighbour window); any other `attention` argument (`normalizer`,
+`alibi_slopes`, `return_lse`, ...) may be passed by keyword."""
 
 
 class PositionEncoding(struct.PyTreeNode):
@@ -39,8 +41,12 @@ class PositionScheme(nn.Module):
 
     head_dim: int
 
-    def __call__(self, positions: jax.Array, kv_positions: jax.Array | None = None) -> PositionEncoding:
-        """positions: [B, T] int32 of the queries; kv_positions: [B, S] of the keys (default: the same)."""
+    def __call__(self, positions: jax.Array, kv_positions: jax.Array | None = None, *,
+                 train: bool = False) -> PositionEncoding:
+        """positions: [B, T] int32 of the queries; kv_positions: [B, S] of the keys (default: the same).
+
+        `train` is True in a training step; a scheme that samples there (CLEX) draws from the "positions" rng.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
 
 

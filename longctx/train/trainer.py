@@ -92,7 +92,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, r
     if stop_after is not None and not 1 <= stop_after <= config.train.steps:
         raise ValueError(f"--stop_after must be a step in [1, train.steps={config.train.steps}], got {stop_after}")
     tokenizer = load_tokenizer(config.data.tokenizer)
-    model = build_model(config.model, tokenizer.vocab_size)
+    model = build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
     check_forward(model, config.train.batch_size // config.train.grad_accum_steps, config.data.seq_len, packed=True)
     checkpoint.check_workdir(workdir, config, resume=resume, overwrite=overwrite)
     data_iter = make_train_iterator(config, tokenizer)

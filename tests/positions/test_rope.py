@@ -93,7 +93,7 @@ def test_registry_names_and_defaults():
 @pytest.mark.parametrize("call,message", [
     (lambda: positions.get("yarnn", head_dim=8), r"unknown position scheme 'yarnn'; registered schemes: .*rope"),
     (lambda: positions.get("rope", head_dim=8, factor=4.0), r"'rope' has no parameter 'factor'; it takes: theta"),
-    (lambda: positions.get("rope", head_dim=8, theta=-1.0), r"positions.theta must be > 0"),
+    (lambda: positions.get("rope", head_dim=8, theta=-1.0), r"positions.theta must be a positive number, got -1.0"),
     (lambda: positions.get("rope", head_dim=6, partial_rotary_factor=0.5), r"must be an even number"),
     (lambda: positions.get("rope", head_dim=8, partial_rotary_factor=1.5), r"partial_rotary_factor must be in"),
 ])

@@ -108,7 +108,7 @@ def test_gradient_accumulation_gives_the_same_update(make_config):
     config = make_config()
     tokenizer = load_tokenizer(config.data.tokenizer)
     batch = {k: jnp.asarray(v) for k, v in next(make_train_iterator(config, tokenizer)).items()}
-    model = build_model(config.model, tokenizer.vocab_size)
+    model = build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
     optimizer, _ = make_optimizer(config.train)
     params, _ = init_params(model, jax.random.key(0))
     results = [jax.jit(lambda p, o, b, n=n: train_step(p, o, b, model=model, optimizer=optimizer,
