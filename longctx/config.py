@@ -52,6 +52,7 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.head_dim = 64
     c.model.rms_norm_eps = 1e-5
     c.model.tie_embeddings = False  # Share the token embedding with the output head.
+    c.model.qkv_bias = False  # Biases on the q/k/v projections (Qwen2).
     c.model.dtype = "bfloat16"  # Compute dtype: float32 | bfloat16 | float16. Params are always float32.
     c.model.init_std = 0.02  # Standard deviation of the normal initialiser of every weight matrix.
     c.model.scan_layers = False  # nn.scan over layers: one compiled layer, faster compiles for deep models.

@@ -25,6 +25,7 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int, train_
         head_dim=model_config.head_dim,
         rms_norm_eps=model_config.rms_norm_eps,
         tie_embeddings=model_config.tie_embeddings,
+        qkv_bias=model_config.qkv_bias,
         dtype=model_config.dtype,
         init_std=model_config.init_std,
         scan_layers=model_config.scan_layers,

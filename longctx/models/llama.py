@@ -42,6 +42,7 @@ class LlamaConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    qkv_bias: bool = False
     dtype: str = "float32"
     init_std: float = 0.02
     scan_layers: bool = False
@@ -87,7 +88,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention: x [B, T, E] → [B, T, E]; num_kv_heads K/V heads are shared by the query heads."""
+    """Grouped-query self-attention: x [B, T, E] → [B, T, E]; num_kv_heads K/V heads are shared by the query heads.
+    q/k/v carry biases when `qkv_bias` (Qwen2)."""
 
     config: LlamaConfig
 
@@ -95,12 +97,16 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array, encoding: PositionEncoding, segment_ids: jax.Array | None) -> jax.Array:
         cfg = self.config
         dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32)
-        q = dense((cfg.num_heads, cfg.head_dim), kernel_init=_dense_init(cfg, ("embed", "q_heads", "head_dim")),
-                  name="q_proj")(x)
-        k = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_dense_init(cfg, ("embed", "kv_heads", "head_dim")),
-                  name="k_proj")(x)
-        v = dense((cfg.num_kv_heads, cfg.head_dim), kernel_init=_dense_init(cfg, ("embed", "kv_heads", "head_dim")),
-                  name="v_proj")(x)
+
+        def project(heads: int, heads_axis: str, name: str) -> jax.Array:
+            return dense((heads, cfg.head_dim), use_bias=cfg.qkv_bias,
+                         kernel_init=_dense_init(cfg, ("embed", heads_axis, "head_dim")),
+                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (heads_axis, "head_dim")),
+                         name=name)(x)
+
+        q = project(cfg.num_heads, "q_heads", "q_proj")
+        k = project(cfg.num_kv_heads, "kv_heads", "k_proj")
+        v = project(cfg.num_kv_heads, "kv_heads", "v_proj")
         q = nn.with_logical_constraint(q, ("batch", "length", "q_heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
