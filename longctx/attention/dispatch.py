@@ -3,15 +3,16 @@
 Implementations live in `IMPLEMENTATIONS` (name → function + the check that says what it cannot do); `AUTO_ORDER`
 says which ones `impl="auto"` tries, best first. Adding a kernel is one entry in each.
 
-- "reference": the pure-jnp oracle of `reference.py`; every mask, segment ids, q_offset, lse.
-- "xla": `jax.nn.dot_product_attention(implementation="xla")` with our mask and segment ids as its boolean `mask`.
+- "reference": the pure-jnp oracle of `reference.py`; every mask, segment ids, q_offset, lse, ALiBi, both normalizers.
+- "xla": `jax.nn.dot_product_attention(implementation="xla")` with our mask and segment ids as its boolean `mask`
+  and ALiBi as its `bias`; the softplus normalizer runs the reference's jnp computation (XLA fuses it).
   jax fills masked logits with a large finite negative, so a row that attends to nothing comes back as the mean of
   v; we set it to 0. jax's residual is not our lse (it is cast to the input dtype, carries no gradient and is finite
   for empty rows), so return_lse computes the lse with the reference's logsumexp (one more q·kᵀ).
   float32 inputs run at jax's default matmul precision (on GPU TF32-class, about 1e-3 off the float32 oracle).
-- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention). It honours Full,
-  Causal and SlidingWindow(w) masks only, through `is_causal` and `local_window_size=(w - 1, 0)` (jax hands cuDNN
-  a window of w: keys i - w < j <= i). cuDNN aligns causal masks top-left, which is our q_offset = 0 for any T, S
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention). It honours softmax
+  without ALiBi, and Full, Causal and SlidingWindow(w) masks only, through `is_causal` and
+  `local_window_size=(w - 1, 0)` (jax hands cuDNN a window of w: keys i - w < j <= i). cuDNN aligns causal masks top-left, which is our q_offset = 0 for any T, S
   (all checked against the reference on an H100 with jax 0.11.2; tests/attention runs that check on a CUDA GPU).
   `cudnn_unsupported_reason` lists what it refuses; the call raises NotImplementedError for those before any work.
 - "auto": cudnn when `cudnn_unsupported_reason` finds nothing, else xla; logs its choice once per choice and reason.
@@ -24,8 +25,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from longctx.attention import masks
-from longctx.attention.reference import attention_mask, check_arguments, logsumexp, reference_attention
+from longctx.attention import masks, normalizers
+from longctx.attention.reference import alibi_bias, attention_mask, check_arguments, logsumexp, reference_attention
 
 logger = logging.getLogger("longctx.attention")
 
@@ -45,6 +46,8 @@ class Request:
     has_segment_ids: bool = False
     q_offset: int | None = 0
     return_lse: bool = False
+    normalizer: normalizers.Normalizer = normalizers.Softmax()
+    has_alibi: bool = False
 
 
 def _device_of(x: jax.Array) -> jax.Device:
@@ -72,6 +75,10 @@ def cudnn_unsupported_reason(request: Request) -> str | None:
     (_, T, _, D), S = request.q_shape, request.k_shape[1]
     if request.platform != "gpu":
         return f"cudnn needs a CUDA GPU (backend is {request.platform})"
+    if not isinstance(request.normalizer, normalizers.Softmax):
+        return f"cudnn computes softmax attention only, not normalizer={request.normalizer.name!r}"
+    if request.has_alibi:
+        return "cudnn cannot add ALiBi biases through jax.nn.dot_product_attention's cuDNN path"
     if request.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cudnn needs bfloat16 or float16 inputs, got {jnp.dtype(request.dtype).name}"
     max_head_dim = 256 if request.compute_capability and request.compute_capability >= (9, 0) else 128
@@ -94,15 +101,21 @@ def cudnn_unsupported_reason(request: Request) -> str | None:
     return None
 
 
-def _xla(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, q_offset, return_lse):
+def _xla(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, q_offset, alibi_slopes, return_lse):
+    if isinstance(normalizer, normalizers.Softplus):
+        return reference_attention(q, k, v, mask=mask, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                                   normalizer=normalizer, q_offset=q_offset)
     T, S = q.shape[1], k.shape[1]
     allowed = attention_mask(mask, T, S, q_offset=q_offset, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
-    out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale, implementation="xla")
+    bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, T, S, q_offset)[None]
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=allowed[:, None], scale=scale, implementation="xla")
     out = jnp.where(jnp.any(allowed, axis=-1)[:, :, None, None], out, jnp.zeros((), out.dtype))
-    return (out, logsumexp(q, k, allowed=allowed, scale=scale)) if return_lse else out
+    if not return_lse:
+        return out
+    return out, logsumexp(q, k, allowed=allowed, scale=scale, alibi_slopes=alibi_slopes, q_offset=q_offset)
 
 
-def _cudnn(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, q_offset, return_lse):
+def _cudnn(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, q_offset, alibi_slopes, return_lse):
     window = mask.window if isinstance(mask, masks.SlidingWindow) else None
     return jax.nn.dot_product_attention(
         q, k, v, scale=scale, is_causal=not isinstance(mask, masks.Full),
@@ -111,8 +124,9 @@ def _cudnn(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, q_o
 
 @dataclasses.dataclass(frozen=True)
 class Implementation:
-    """fn(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, q_offset, return_lse) on checked
-    arguments (scale resolved); unsupported_reason(request) says why it cannot honour a request, or None."""
+    """fn(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, q_offset, alibi_slopes, return_lse) on
+    checked arguments (normalizer an object; scale resolved for softmax, None for softplus); unsupported_reason(request)
+    says why it cannot honour a request, or None."""
 
     fn: Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
     unsupported_reason: Callable[[Request], str | None] = lambda request: None
@@ -150,8 +164,9 @@ def choose_impl(request: Request) -> str:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mask = masks.Causal(),
               segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
-              normalizer: str = "softmax", impl: str = "auto", scale: float | None = None,
-              q_offset: int | jax.Array = 0, return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+              normalizer: str | normalizers.Normalizer = "softmax", impl: str = "auto", scale: float | None = None,
+              q_offset: int | jax.Array = 0, alibi_slopes: jax.Array | None = None,
+              return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Multi-head attention with grouped-query heads, a mask spec and packed-document segment ids.
 
     q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] with Hq a multiple of Hkv (query head h reads kv head h // (Hq // Hkv)).
@@ -160,26 +175,30 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mask = ma
     segment_ids: [B, T] int; kv_segment_ids: [B, S] int, defaulting to segment_ids when S == T. Tokens attend only
     within their segment, and segment 0 (padding) attends to nothing and is attended by nothing; the mask then sees
     positions within the segment, so a packed document gets the mask it would get alone.
-    scale: defaults to 1/sqrt(D). normalizer: "softmax". impl: one of `impl_names()`.
+    scale: defaults to 1/sqrt(D) (softmax only). normalizer: "softmax", "softplus" or a `normalizers` object.
+    alibi_slopes: [Hq] float, adds −slope_h · |i − s| to the logits (softmax only). impl: one of `impl_names()`.
     Returns out [B, T, Hq, D] in q.dtype (exactly 0 on a row that attends to nothing), or (out, lse) with lse
     [B, T, Hq] float32 (-inf on such a row) when return_lse. Semantics: `reference.py`.
     """
     if impl not in impl_names():
         raise ValueError(f"impl must be one of {', '.join(impl_names())}, got {impl!r}")
-    segment_ids, kv_segment_ids, q_offset = check_arguments(
+    segment_ids, kv_segment_ids, q_offset, normalizer = check_arguments(
         q, k, v, mask=mask, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, normalizer=normalizer,
-        q_offset=q_offset)
+        q_offset=q_offset, scale=scale, alibi_slopes=alibi_slopes, return_lse=return_lse)
     platform, capability = platform_of(q)
     request = Request(
         q_shape=tuple(q.shape), k_shape=tuple(k.shape), dtype=q.dtype, mask=mask, platform=platform,
         compute_capability=capability, has_segment_ids=segment_ids is not None,
-        q_offset=q_offset if isinstance(q_offset, int) else None, return_lse=return_lse)
+        q_offset=q_offset if isinstance(q_offset, int) else None, return_lse=return_lse, normalizer=normalizer,
+        has_alibi=alibi_slopes is not None)
     name = choose_impl(request) if impl == "auto" else impl
     reason = IMPLEMENTATIONS[name].unsupported_reason(request)
     if reason is not None:
         raise NotImplementedError(f"attention impl={name!r} cannot run this request: {reason}. "
                                   f"impl='xla' runs it, or impl='auto' picks an implementation that can")
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+    if scale is None and isinstance(normalizer, normalizers.Softmax):
+        scale = q.shape[-1] ** -0.5
     return IMPLEMENTATIONS[name].fn(
         q, k, v, mask=mask, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, normalizer=normalizer,
-        scale=q.shape[-1] ** -0.5 if scale is None else scale, q_offset=q_offset, return_lse=return_lse)
+        scale=scale, q_offset=q_offset, alibi_slopes=alibi_slopes, return_lse=return_lse)

@@ -146,6 +146,25 @@ class SinksAndWindow(Mask):
         return (kv_idx <= q_idx) & ((kv_idx < self.sinks) | (q_idx - kv_idx < self.window))
 
 
+@register("distant")
+@dataclasses.dataclass(frozen=True)
+class Distant(Mask):
+    """Keys at least `distance` behind the query: j <= i - distance. The complement of SlidingWindow(distance) within
+    the causal mask, as used by LM-Infinite's capped far branch and Self-Extend's grouped branch."""
+
+    distance: int = _param("a positive int")
+
+    def __post_init__(self):
+        _check_positive_int("Distant", "distance", self.distance)
+
+    @property
+    def relative(self) -> bool:
+        return True
+
+    def __call__(self, q_idx, kv_idx):
+        return q_idx - kv_idx >= self.distance
+
+
 @register("explicit")
 @dataclasses.dataclass(frozen=True, eq=False)
 class Explicit(Mask):

@@ -3,9 +3,12 @@
 For query t (absolute position i = q_offset + t) and query head h, with G = Hq // Hkv and kv head h // G:
 
     allowed[t, s] = mask(i, s) and segment_ids[t] == kv_segment_ids[s] != 0
-    logits[t, s]  = scale · q[t, h] · k[s, h // G]
+    logits[t, s]  = scale · q[t, h] · k[s, h // G]  −  alibi_slopes[h] · |i − s|     (ALiBi term if slopes given)
     out[t, h]     = Σ_s softmax_s(logits[t, s] where allowed, else -inf) · v[s, h // G]
     lse[t, h]     = log Σ_{s allowed} exp(logits[t, s])
+
+With normalizer `Softplus` the weights are those of `normalizers.Softplus.weights` instead (their own scores; no
+scale, no ALiBi, no lse).
 
 With segment ids the mask sees positions within the segment: mask(i - f, s - f) where f is the first key of the
 segment (each segment is one run of equal ids, as packing writes it), so a packed document gets the mask it would get
@@ -22,9 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longctx.attention import masks
+from longctx.attention import masks, normalizers
 
-NORMALIZERS = ("softmax",)
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -36,11 +38,13 @@ def _check_segment_ids(name: str, ids: jax.Array | np.ndarray, batch: int, lengt
 
 
 def check_arguments(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mask,
-                    segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None, normalizer: str,
-                    q_offset: int | jax.Array):
+                    segment_ids: jax.Array | None, kv_segment_ids: jax.Array | None,
+                    normalizer: str | normalizers.Normalizer, q_offset: int | jax.Array, scale: float | None = None,
+                    alibi_slopes: jax.Array | None = None, return_lse: bool = False):
     """Raises ValueError naming the first argument that does not fit; returns the resolved
-    (segment_ids, kv_segment_ids, q_offset): each segment-id array defaults to the other when S == T, and a static
-    q_offset becomes a Python int (a traced one is returned as an int32 scalar)."""
+    (segment_ids, kv_segment_ids, q_offset, normalizer): each segment-id array defaults to the other when S == T, a
+    static q_offset becomes a Python int (a traced one is returned as an int32 scalar), a normalizer name its
+    `normalizers` object."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if np.ndim(x) != 4:
             raise ValueError(f"{name} must have rank 4 ({name}: [B, {'T, Hq' if name == 'q' else 'S, Hkv'}, D]), "
@@ -56,8 +60,15 @@ def check_arguments(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mas
         raise ValueError(f"the number of query heads Hq={Hq} must be a multiple of the number of kv heads Hkv={Hkv}")
     if not (q.dtype == k.dtype == v.dtype) or not jnp.issubdtype(q.dtype, jnp.floating):
         raise ValueError(f"q, k and v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if normalizer not in NORMALIZERS:
-        raise ValueError(f"normalizer must be one of {', '.join(map(repr, NORMALIZERS))}, got {normalizer!r}")
+    normalizer = normalizers.get(normalizer)
+    if isinstance(normalizer, normalizers.Softplus):
+        given = [name for name, value in (("scale", scale), ("alibi_slopes", alibi_slopes), ("return_lse", return_lse))
+                 if value is not None and value is not False]
+        if given:
+            raise ValueError(f"normalizer='softplus' sets its own scores (log d · log N · cosine) and has no "
+                             f"log-sum-exp; it cannot take {', '.join(given)}")
+    if alibi_slopes is not None and tuple(np.shape(alibi_slopes)) != (Hq,):
+        raise ValueError(f"alibi_slopes must have shape [Hq] = ({Hq},), got {tuple(np.shape(alibi_slopes))}")
     if not isinstance(mask, masks.Mask):
         raise ValueError(f"mask must be a longctx.attention.masks.Mask (e.g. masks.Causal()), got {mask!r}")
 
@@ -79,7 +90,7 @@ def check_arguments(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mas
     else:
         raise ValueError(f"q_offset must be an int or an integer scalar array, got {q_offset!r}")
     mask.validate(T, S, q_offset)
-    return segment_ids, kv_segment_ids, q_offset
+    return segment_ids, kv_segment_ids, q_offset, normalizer
 
 
 def attention_mask(mask: masks.Mask, T: int, S: int, *, q_offset: int | jax.Array = 0,
@@ -109,13 +120,28 @@ def _run_starts(segment_ids: jax.Array) -> jax.Array:
     return jax.lax.cummax(jnp.where(begins, iota, 0), axis=1)
 
 
-def _grouped_logits(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
-    """q [B, T, Hq, D], k [B, S, Hkv, D] → float32 logits [B, Hkv, G, T, S]."""
+def _grouped(q: jax.Array, num_kv_heads: int) -> jax.Array:
+    """q [B, T, Hq, D] → [B, T, Hkv, G, D] (query head h = kv_head · G + g)."""
     B, T, Hq, D = q.shape
+    return q.reshape(B, T, num_kv_heads, Hq // num_kv_heads, D)
+
+
+def _grouped_logits(q: jax.Array, k: jax.Array, scale: float, alibi_slopes: jax.Array | None = None,
+                    q_offset: int | jax.Array = 0) -> jax.Array:
+    """q [B, T, Hq, D], k [B, S, Hkv, D] → float32 logits [B, Hkv, G, T, S], with the ALiBi term if slopes given."""
     Hkv = k.shape[2]
-    q = q.reshape(B, T, Hkv, Hq // Hkv, D)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32, precision=_HIGHEST)
-    return logits * scale
+    logits = jnp.einsum("btkgd,bskd->bkgts", _grouped(q, Hkv), k, preferred_element_type=jnp.float32,
+                        precision=_HIGHEST) * scale
+    if alibi_slopes is not None:
+        logits = logits + alibi_bias(alibi_slopes, q.shape[1], k.shape[1], q_offset).reshape(
+            1, Hkv, -1, q.shape[1], k.shape[1])
+    return logits
+
+
+def alibi_bias(alibi_slopes: jax.Array, T: int, S: int, q_offset: int | jax.Array = 0) -> jax.Array:
+    """−slope_h · |i − s| for query i = q_offset + t and key s: float32 [Hq, T, S]."""
+    distance = jnp.abs(jnp.arange(T, dtype=jnp.int32)[:, None] + q_offset - jnp.arange(S, dtype=jnp.int32)[None, :])
+    return -jnp.asarray(alibi_slopes, jnp.float32)[:, None, None] * distance.astype(jnp.float32)
 
 
 def _masked_softmax(logits: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -141,32 +167,39 @@ def _heads_last(x: jax.Array) -> jax.Array:
     return x.transpose(0, 3, 1, 2).reshape(B, T, Hkv * G)
 
 
-def logsumexp(q: jax.Array, k: jax.Array, *, allowed: jax.Array, scale: float) -> jax.Array:
-    """log Σ_{s allowed} exp(scale · q·k): q [B, T, Hq, D], k [B, S, Hkv, D], allowed bool [B or 1, T, S]
+def logsumexp(q: jax.Array, k: jax.Array, *, allowed: jax.Array, scale: float,
+              alibi_slopes: jax.Array | None = None, q_offset: int | jax.Array = 0) -> jax.Array:
+    """log Σ_{s allowed} exp(logits): q [B, T, Hq, D], k [B, S, Hkv, D], allowed bool [B or 1, T, S]
     → float32 [B, T, Hq], -inf where a row allows nothing. Differentiable."""
-    _, lse = _masked_softmax(_grouped_logits(q, k, scale), allowed[:, None, None])
+    _, lse = _masked_softmax(_grouped_logits(q, k, scale, alibi_slopes, q_offset), allowed[:, None, None])
     return _heads_last(lse)
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mask,
                         segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
-                        normalizer: str = "softmax", scale: float | None = None, q_offset: int | jax.Array = 0,
+                        normalizer: str | normalizers.Normalizer = "softmax", scale: float | None = None,
+                        q_offset: int | jax.Array = 0, alibi_slopes: jax.Array | None = None,
                         return_lse: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention by the formula in the module docstring.
 
     q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; segment_ids: [B, T] int; kv_segment_ids: [B, S] int (defaults to
     segment_ids when S == T); q_offset: absolute position of query row 0 (int or traced int32 scalar); scale defaults
-    to 1/sqrt(D). Returns out [B, T, Hq, D] in q.dtype, and lse [B, T, Hq] float32 if return_lse.
+    to 1/sqrt(D); alibi_slopes: [Hq] float. Returns out [B, T, Hq, D] in q.dtype, and lse [B, T, Hq] float32 if
+    return_lse.
     """
-    segment_ids, kv_segment_ids, q_offset = check_arguments(
+    segment_ids, kv_segment_ids, q_offset, normalizer = check_arguments(
         q, k, v, mask=mask, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, normalizer=normalizer,
-        q_offset=q_offset)
+        q_offset=q_offset, scale=scale, alibi_slopes=alibi_slopes, return_lse=return_lse)
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
-    scale = D ** -0.5 if scale is None else scale
     allowed = attention_mask(mask, T, S, q_offset=q_offset, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
-    probs, lse = _masked_softmax(_grouped_logits(q, k, scale), allowed[:, None, None])
+    if isinstance(normalizer, normalizers.Softplus):
+        probs, lse = normalizer.weights(_grouped(q, Hkv), k, allowed[:, None, None]), None
+    else:
+        scale = D ** -0.5 if scale is None else scale
+        logits = _grouped_logits(q, k, scale, alibi_slopes, q_offset)
+        probs, lse = _masked_softmax(logits, allowed[:, None, None])
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32), precision=_HIGHEST)
     out = out.reshape(B, T, Hq, D).astype(q.dtype)
     return (out, _heads_last(lse)) if return_lse else out

@@ -110,7 +110,11 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "q_heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
-        attend_fn = functools.partial(attention, mask=cfg.mask, segment_ids=segment_ids, impl=cfg.attention_impl)
+
+        def attend_fn(q, k, v, *, within: masks.Mask | None = None, **overrides):
+            mask = cfg.mask if within is None else cfg.mask & within
+            return attention(q, k, v, mask=mask, segment_ids=segment_ids, impl=cfg.attention_impl, **overrides)
+
         out = encoding.attend(q, k, v, attend_fn)
         out = nn.with_logical_constraint(out, ("batch", "length", "q_heads", "head_dim"))
         return dense(cfg.hidden_size, axis=(-2, -1), kernel_init=_dense_init(cfg, ("q_heads", "head_dim", "embed")),
@@ -151,7 +155,8 @@ class Llama(nn.Module):
     """The decoder: tokens [B, T] int32 → logits [B, T, vocab_size] float32.
 
     positions [B, T] int32 default to 0..T-1; segment_ids [B, T] int32 (0 = padding) mask attention across packed
-    documents and are None for unpacked input.
+    documents and are None for unpacked input. `train` is True in training steps (a scheme may sample then, from the
+    "positions" rng: CLEX).
     """
 
     config: LlamaConfig
@@ -159,14 +164,14 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+                 segment_ids: jax.Array | None = None, *, train: bool = False) -> jax.Array:
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                          embedding_init=_dense_init(cfg, ("vocab", "embed")), name="embed")
         x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
-        encoding = self.position_scheme(positions)
+        encoding = self.position_scheme(positions, train=train)
 
         layer = DecoderLayer
         if cfg.remat != "none":

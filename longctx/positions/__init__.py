@@ -4,7 +4,7 @@
 an HF transformers config. See `base.py` for the interface.
 """
 
-from longctx.positions import nope, rope, rope_scaling  # noqa: F401  (registers the schemes)
+from longctx.positions import alibi, entropy, lm_infinite, nope, rope, rope_scaling, self_extend, softplus  # noqa: F401
 from longctx.positions.base import AttendFn, PositionEncoding, PositionScheme
 from longctx.positions.hf import from_hf_config, hf_rope_fields
 from longctx.positions.registry import default_params, get, names, register, scheme_class

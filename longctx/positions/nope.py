@@ -14,5 +14,6 @@ from longctx.positions.registry import register
 class NoPE(PositionScheme):
     """No position information: every layer attends with the plain `PositionEncoding`."""
 
-    def __call__(self, positions: jax.Array, kv_positions: jax.Array | None = None) -> PositionEncoding:
+    def __call__(self, positions: jax.Array, kv_positions: jax.Array | None = None, *,
+                 train: bool = False) -> PositionEncoding:
         return PositionEncoding()

@@ -171,7 +171,10 @@ def _args(**changes):
 
 @pytest.mark.parametrize("changes, match", [
     ({"impl": "flash"}, r"impl must be one of auto, cudnn, reference, xla, got 'flash'"),
-    ({"normalizer": "softplus"}, r"normalizer must be one of 'softmax', got 'softplus'"),
+    ({"normalizer": "sparsemax"}, r"normalizer must be one of 'softmax', 'softplus' or .*, got 'sparsemax'"),
+    ({"normalizer": "softplus", "scale": 0.5}, r"normalizer='softplus' sets its own scores .* cannot take scale"),
+    ({"normalizer": "softplus", "return_lse": True}, r"cannot take return_lse"),
+    ({"alibi_slopes": np.ones(3, np.float32)}, r"alibi_slopes must have shape \[Hq\] = \(4,\), got \(3,\)"),
     ({"q": jnp.zeros((2, S, 16))}, r"q must have rank 4 \(q: \[B, T, Hq, D\]\), got shape \(2, 8, 16\)"),
     ({"k": jnp.zeros((2, S, 3, 16)), "v": jnp.zeros((2, S, 3, 16))}, r"Hq=4 must be a multiple of .* Hkv=3"),
     ({"k": jnp.zeros((2, S, 2, 8)), "v": jnp.zeros((2, S, 2, 8))}, r"same head dim D, got 16 and 8"),

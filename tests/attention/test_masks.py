@@ -130,7 +130,7 @@ def test_materialize_validates_sizes():
 
 
 def test_registry():
-    assert masks.names() == ["causal", "explicit", "full", "sinks_window", "sliding_window"]
+    assert masks.names() == ["causal", "distant", "explicit", "full", "sinks_window", "sliding_window"]
     assert masks.get("causal") == masks.Causal()
     assert masks.get("full") == masks.Full()
     assert masks.get("sliding_window", window=128) == masks.SlidingWindow(128)
@@ -138,7 +138,7 @@ def test_registry():
 
 
 @pytest.mark.parametrize("name, params, match", [
-    ("diagonal", {}, r"unknown mask 'diagonal'; registered masks: causal, explicit, full, sinks_window, "
+    ("diagonal", {}, r"unknown mask 'diagonal'; registered masks: causal, distant, explicit, full, sinks_window, "
                      r"sliding_window"),
     ("sliding_window", {}, r"mask 'sliding_window' needs parameter\(s\): window \(a positive int\)"),
     ("sinks_window", {"window": 8}, r"needs parameter\(s\): sinks \(a positive int\)"),

@@ -106,7 +106,7 @@ def test_packed_documents_do_not_see_each_other(scheme, mask):
 def test_position_scheme_params_would_live_under_positions():
     class LearnedScale(positions.PositionScheme):
         @nn.compact
-        def __call__(self, pos, kv_positions=None):
+        def __call__(self, pos, kv_positions=None, *, train=False):
             self.param("log_scale", nn.initializers.zeros, ())
             return positions.PositionEncoding()
 

@@ -1,0 +1,240 @@
+"""entropy_abf, ALiBi, LM-Infinite, Self-Extend and softplus attention against naive per-pair numpy oracles and the
+public numbers of their papers; every scheme reduces to plain RoPE at scale 1 where its paper says so.
+
+Tolerances: float32 attention against float64 numpy, atol = rtol = 2e-5 (RoPE angles of positions up to 10⁴ in
+float32 lose ~1e-3 rad at the lowest frequencies only where p·inv_freq is large: see the position-10000 test).
+"""
+
+import dataclasses
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longctx import positions
+from longctx.attention import attention, masks
+from longctx.models import Llama, LlamaConfig, init_params
+from longctx.positions.alibi import alibi_slopes
+
+D = 16
+
+
+def attend_fn(mask=masks.Causal(), segment_ids=None, impl="reference", q_offset=0):
+    """What the model's layers hand an encoding: attention with the layer's mask, narrowed by `within`."""
+
+    def attend(q, k, v, *, within=None, **overrides):
+        return attention(q, k, v, mask=mask if within is None else mask & within, segment_ids=segment_ids,
+                         impl=impl, q_offset=q_offset, **overrides)
+
+    return attend
+
+
+def rotate(x, angle_positions, theta=10000.0):
+    """x [..., D] rotated (rotate-half layout) by positions (broadcast against x[..., 0]) in float64."""
+    inv_freq = theta ** (-np.arange(0, D, 2) / D)
+    angles = np.asarray(angle_positions, np.float64)[..., None] * inv_freq
+    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    return np.concatenate([x1 * np.cos(angles) - x2 * np.sin(angles), x2 * np.cos(angles) + x1 * np.sin(angles)], -1)
+
+
+def naive_pairwise(q, k, v, distance, visible):
+    """Softmax attention where query t sees key s at `distance(t, s)` (the query rotated by it, the key not) if
+    `visible(t, s)`: q [T, H, D], k, v [S, H, D] (one head group), float64."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    out = np.zeros_like(q)
+    for t in range(q.shape[0]):
+        keys = [s for s in range(k.shape[0]) if visible(t, s)]
+        if not keys:
+            continue
+        for h in range(q.shape[1]):
+            logits = np.array([rotate(q[t, h], distance(t, s)) @ k[s, h] for s in keys]) / np.sqrt(D)
+            w = np.exp(logits - logits.max())
+            out[t, h] = w @ v[keys, h] / w.sum()
+    return out
+
+
+def random_qkv(T, S=None, H=2, seed=0):
+    rng = np.random.default_rng(seed)
+    S = T if S is None else S
+    return (rng.normal(size=(1, T, H, D)).astype(np.float32), rng.normal(size=(1, S, H, D)).astype(np.float32),
+            rng.normal(size=(1, S, H, D)).astype(np.float32))
+
+
+# --- entropy_abf ---------------------------------------------------------------------------------------------------
+
+def test_entropy_abf_query_scale_public_value():
+    scheme = positions.get("entropy_abf", head_dim=128, original_max_position_embeddings=4096)
+    scale = scheme.query_scale(jnp.array([[0, 100, 4095, 8191]]))
+    np.testing.assert_allclose(scale, [[1.0, 1.0, 1.0, 1.0833333]], rtol=1e-6)
+
+
+def test_entropy_abf_is_abf_with_scaled_queries():
+    pos = jnp.arange(20)[None]
+    ours = positions.get("entropy_abf", head_dim=D, original_max_position_embeddings=8)(pos)
+    abf = positions.get("abf", head_dim=D)(pos)
+    scale = np.maximum(1, np.log(np.arange(20) + 1) / np.log(8))[None, :, None]
+    np.testing.assert_allclose(ours.q_cos, abf.q_cos * scale, rtol=1e-6)
+    np.testing.assert_array_equal(ours.k_sin, abf.k_sin)
+
+
+# --- ALiBi -------------------------------------------------------------------------------------------------------
+
+def test_alibi_slopes_are_the_papers():
+    np.testing.assert_allclose(alibi_slopes(8), 2.0 ** -np.arange(1, 9))
+    np.testing.assert_allclose(alibi_slopes(12), np.concatenate([2.0 ** -np.arange(1, 9),
+                                                                 2.0 ** -np.array([0.5, 1.5, 2.5, 3.5])]))
+
+
+def test_alibi_attends_with_a_linear_distance_penalty():
+    q, k, v = random_qkv(7, H=4)
+    out = positions.get("alibi", head_dim=D)(jnp.arange(7)[None]).attend(q, k, v, attend_fn())
+    slopes = alibi_slopes(4)
+    logits = np.einsum("thd,shd->hts", q[0], k[0]) / np.sqrt(D) - slopes[:, None, None] * np.abs(
+        np.arange(7)[:, None] - np.arange(7)[None])
+    logits = np.where(np.tril(np.ones((7, 7), bool)), logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    expected = np.einsum("hts,shd->thd", weights / weights.sum(-1, keepdims=True), v[0])
+    np.testing.assert_allclose(out[0], expected, atol=2e-5, rtol=2e-5)
+
+
+# --- LM-Infinite ---------------------------------------------------------------------------------------------------
+
+def lm_infinite_distance(i, j, L, n_global):
+    """The effective distance of key j for query i, or None when the Λ mask hides it."""
+    if j > i:
+        return None
+    if i - j < L:
+        return i - j
+    return L if j < n_global else None
+
+
+def test_lm_infinite_public_values_at_position_10000():
+    """Query 10000 (L 4096, n_global 10): key 5905 at distance 4095, key 5904 masked, key 3 at 4096 — checked on the
+    real 10001-key attention row against the per-pair oracle, and key 5904 alone carrying a value reads as 0."""
+    assert lm_infinite_distance(10000, 5905, 4096, 10) == 4095
+    assert lm_infinite_distance(10000, 5904, 4096, 10) is None
+    assert lm_infinite_distance(10000, 3, 4096, 10) == 4096
+    scheme = positions.get("lm_infinite", head_dim=D, original_max_position_embeddings=4096)
+    S = 10001
+    q, k, v = random_qkv(1, S, H=1)
+    encoding = scheme(jnp.array([[10000]]), kv_positions=jnp.arange(S)[None])
+    out = encoding.attend(q, k, v, attend_fn(q_offset=10000))
+    visible = [s for s in range(S) if lm_infinite_distance(10000, s, 4096, 10) is not None]
+    assert visible[:11] == list(range(10)) + [5905]
+    expected = naive_pairwise(q[0], k[0][visible], v[0][visible],
+                              lambda t, s: lm_infinite_distance(10000, visible[s], 4096, 10), lambda t, s: True)
+    np.testing.assert_allclose(out[0], expected, atol=2e-4, rtol=2e-4)
+    only_5904 = np.zeros_like(v)
+    only_5904[0, 5904] = 1.0
+    np.testing.assert_array_equal(encoding.attend(q, k, only_5904, attend_fn(q_offset=10000)), 0.0)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_lm_infinite_matches_per_pair_oracle_with_packed_documents(impl):
+    L, n_global, T = 4, 2, 14
+    segments = np.array([[1] * 9 + [2] * 5], np.int32)
+    pos = np.array([list(range(9)) + list(range(5))], np.int32)
+    q, k, v = random_qkv(T)
+    scheme = positions.get("lm_infinite", head_dim=D, n_global=n_global, original_max_position_embeddings=L)
+    out = scheme(jnp.asarray(pos)).attend(q, k, v, attend_fn(segment_ids=segments, impl=impl))
+
+    def distance(t, s):
+        return lm_infinite_distance(pos[0, t], pos[0, s], L, n_global)
+
+    expected = naive_pairwise(q[0], k[0], v[0], distance,
+                              lambda t, s: segments[0, t] == segments[0, s] and distance(t, s) is not None)
+    np.testing.assert_allclose(out[0], expected, atol=2e-5, rtol=2e-5)
+
+
+# --- Self-Extend ---------------------------------------------------------------------------------------------------
+
+def self_extend_distance(i, j, G, W):
+    return i - j if i - j < W else (i // G + W - W // G) - j // G
+
+
+def test_self_extend_public_value():
+    scheme = positions.get("self_extend", head_dim=D, group_size=8, neighbor_window=1024)
+    q_pos, k_pos = scheme.grouped_positions(jnp.array(5000), jnp.array(10))
+    assert int(q_pos - k_pos) == 1520 == self_extend_distance(5000, 10, 8, 1024)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_self_extend_matches_per_pair_oracle_with_packed_documents(impl):
+    G, W, T = 3, 4, 16
+    segments = np.array([[1] * 11 + [2] * 5], np.int32)
+    pos = np.array([list(range(11)) + list(range(5))], np.int32)
+    q, k, v = random_qkv(T)
+    scheme = positions.get("self_extend", head_dim=D, group_size=G, neighbor_window=W)
+    out = scheme(jnp.asarray(pos)).attend(q, k, v, attend_fn(segment_ids=segments, impl=impl))
+    expected = naive_pairwise(q[0], k[0], v[0], lambda t, s: self_extend_distance(pos[0, t], pos[0, s], G, W),
+                              lambda t, s: segments[0, t] == segments[0, s] and s <= t)
+    np.testing.assert_allclose(out[0], expected, atol=2e-5, rtol=2e-5)
+
+
+def test_self_extend_window_defaults_to_a_quarter_of_the_training_length():
+    assert positions.get("self_extend", head_dim=D, original_max_position_embeddings=4096).neighbor_window == 1024
+    with pytest.raises(ValueError, match="needs positions.original_max_position_embeddings"):
+        positions.get("self_extend", head_dim=D)
+
+
+# --- every scheme, in the model ------------------------------------------------------------------------------------
+
+CONFIG = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=D, attention_impl="reference")
+TRAIN_LENGTH = 16
+
+
+def model_with(name, **params):
+    if positions.TRAIN_LENGTH_FIELD in positions.default_params(name):
+        params.setdefault(positions.TRAIN_LENGTH_FIELD, TRAIN_LENGTH)
+    return Llama(CONFIG, position_scheme=positions.get(name, head_dim=D, **params))
+
+
+@functools.cache
+def shared_params():
+    return init_params(model_with("rope"), jax.random.key(0))[0]
+
+
+def tokens(length, seed=1):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 50, size=(2, length)), jnp.int32)
+
+
+SCALE_ONE = {
+    "linear": {"factor": 1.0}, "ntk": {"factor": 1.0}, "dynamic": {}, "yarn": {"factor": 1.0},
+    "llama3": {"factor": 1.0}, "longrope": {"factor": 1.0}, "abf": {"base_scale": 1.0},
+    "entropy_abf": {"base_scale": 1.0}, "lm_infinite": {}, "self_extend": {"neighbor_window": TRAIN_LENGTH},
+    "proportional": {},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCALE_ONE))
+def test_scale_one_reduces_to_rope_within_the_training_length(name):
+    ids = tokens(TRAIN_LENGTH)
+    expected = model_with("rope").apply({"params": shared_params()}, ids)
+    got = model_with(name, **SCALE_ONE[name]).apply({"params": shared_params()}, ids)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", positions.names())
+def test_every_scheme_trains_on_packed_documents_each_read_as_if_alone(name):
+    """Forward and gradient with packed documents under jit: finite, the gradient reaches every weight, and the second
+    document's logits are those it gets alone."""
+    model = model_with(name)
+    params = init_params(model, jax.random.key(0))[0]
+    ids = tokens(24)
+    segment_ids = jnp.asarray([[1] * 14 + [2] * 10] * 2, jnp.int32)
+    pos = jnp.asarray([list(range(14)) + list(range(10))] * 2, jnp.int32)
+    apply = jax.jit(functools.partial(model.apply, train=True, rngs={"positions": jax.random.key(1)}))
+
+    def loss(params):
+        return jnp.mean(jax.nn.log_softmax(apply({"params": params}, ids, pos, segment_ids))[..., 0])
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    assert np.isfinite(float(value))
+    assert all(np.all(np.isfinite(g)) and float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
+    evaluate = jax.jit(model.apply)
+    packed = evaluate({"params": params}, ids, pos, segment_ids)
+    np.testing.assert_allclose(packed[:, 14:], evaluate({"params": params}, ids[:, 14:]), atol=1e-5, rtol=1e-5)
