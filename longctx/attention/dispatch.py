@@ -13,7 +13,8 @@ says which ones `impl="auto"` tries, best first. Adding a kernel is one entry in
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (cuDNN flash attention). It honours softmax
   without ALiBi, and Full, Causal and SlidingWindow(w) masks only, through `is_causal` and
   `local_window_size=(w - 1, 0)` (jax hands cuDNN a window of w: keys i - w < j <= i). cuDNN aligns causal masks
-  top-left, which is our q_offset = 0 for any T, S (all checked against the reference on an H100 with jax 0.11.2; tests/attention runs that check on a CUDA GPU).
+  top-left, which is our q_offset = 0 for any T, S (all checked against the reference on an H100 with jax 0.11.2;
+  tests/attention runs that check on a CUDA GPU).
   `cudnn_unsupported_reason` lists what it refuses; the call raises NotImplementedError for those before any work.
 - "auto": cudnn when `cudnn_unsupported_reason` finds nothing, else xla; logs its choice once per choice and reason.
 """
