@@ -36,7 +36,7 @@ def _invalid(**changes):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"model.positions.name": "yarnn"}, r"unknown position scheme 'yarnn'; registered schemes: abf, alibi, dynamic"),
+    ({"model.positions.name": "yarnn"}, r"unknown position scheme 'yarnn'; registered schemes: abf, alibi, clex"),
     ({"model.attention.mask": "diagonal"}, r"model.attention.mask must be one of causal, sliding_window"),
     ({"model.attention.window": 64}, r"model.attention.window=64 has no effect with mask 'causal'.*sliding_window"),
     ({"model.attention.mask": "sliding_window"}, r"model.attention.window must be a positive int"),
@@ -71,6 +71,6 @@ def test_bad_value_on_the_command_line_is_a_message_not_a_traceback(tmp_path):
     result = run_train("--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}",
                        "--config.model.positions.name=yarnn")
     assert result.returncode != 0
-    assert "error: unknown position scheme 'yarnn'; registered schemes: abf, alibi, dynamic" in result.stderr
+    assert "error: unknown position scheme 'yarnn'; registered schemes: abf, alibi, clex, dynamic" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()

@@ -107,6 +107,19 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
     return Evaluation(workdir, config, step or max(available), schemes, lengths, tokenizer, windows, unigram)
 
 
+def params_for(model, params: dict, name: str) -> dict:
+    """The trained `params` as `model` (the run's model under scheme `name`) takes them: parameters of the trained
+    scheme that this one lacks are dropped, and those this scheme owns but the run never trained (CLEX's ODE on a RoPE
+    run) start from their initial values, which is how the scheme's paper applies it without training."""
+    abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0))[0])
+    fresh = sorted(set(abstract) - set(params))
+    if fresh:
+        log.info("position scheme %s: %s not in the checkpoint; using their initial values", name, ", ".join(fresh))
+        initial = init_params(model, jax.random.key(0))[0]
+        params = {**params, **{key: initial[key] for key in fresh}}
+    return {key: params[key] for key in abstract}
+
+
 def run(evaluation: Evaluation) -> dict[str, Any]:
     """Computes every perplexity of `evaluation`; returns the report as a JSON-able dict."""
     config, lengths, windows = evaluation.config, evaluation.lengths, evaluation.windows
@@ -127,9 +140,10 @@ def run(evaluation: Evaluation) -> dict[str, Any]:
     with tqdm.tqdm(total=len(evaluation.schemes) * len(lengths), desc="eval", disable=None) as bar:
         for name in evaluation.schemes:
             model = scheme_model(config, name, vocab_size)
+            model_params = params_for(model, params, name)
             report["ppl"][name] = {}
             for length in lengths:
-                nll = ppl.model_nll(model, params, windows[length], config.eval.batch_size)
+                nll = ppl.model_nll(model, model_params, windows[length], config.eval.batch_size)
                 report["ppl"][name][str(length)] = ppl.perplexity(nll)
                 bar.update(1)
     return report

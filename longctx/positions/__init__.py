@@ -4,7 +4,9 @@
 an HF transformers config. See `base.py` for the interface.
 """
 
-from longctx.positions import alibi, entropy, lm_infinite, nope, rope, rope_scaling, self_extend, softplus  # noqa: F401
+# Importing a scheme module registers its schemes.
+from longctx.positions import (  # noqa: F401
+    alibi, clex, entropy, lm_infinite, nope, rope, rope_scaling, self_extend, softplus)
 from longctx.positions.base import AttendFn, PositionEncoding, PositionScheme
 from longctx.positions.hf import from_hf_config, hf_rope_fields
 from longctx.positions.registry import default_params, get, names, register, scheme_class

@@ -30,14 +30,16 @@ from longctx.train.optim import make_optimizer
 log = logging.getLogger("longctx.train")
 
 
-def train_step(params, opt_state, batch, *, model, optimizer, grad_accum_steps):
+def train_step(params, opt_state, batch, rng, *, model, optimizer, grad_accum_steps):
     """One optimizer update on `batch` ([batch_size, T] arrays), split into `grad_accum_steps` micro-batches.
 
-    The gradient is that of the mean loss over every counted token of the whole batch, whatever the split.
+    The gradient is that of the mean loss over every counted token of the whole batch, whatever the split. `rng` is
+    the step's "positions" key (a scheme that samples in training, CLEX, draws from it once per step).
     """
 
     def loss_and_count(params, micro):
-        logits = model.apply({"params": params}, micro["tokens"], micro["positions"], micro["segment_ids"])
+        logits = model.apply({"params": params}, micro["tokens"], micro["positions"], micro["segment_ids"],
+                             train=True, rngs={"positions": rng})
         return next_token_loss(logits, micro["tokens"], micro["segment_ids"])
 
     grad_fn = jax.value_and_grad(loss_and_count, has_aux=True)
@@ -116,6 +118,7 @@ def fit(run: Run) -> list[dict]:
     log.info("model: %s params; %d tokens per step; steps %d..%d of %d", f"{num_params:,}",
              config.train.batch_size * config.data.seq_len, start_step + 1, end_step, config.train.steps)
 
+    positions_key = jax.random.fold_in(jax.random.key(config.seed), 1)  # the step's key follows from its number
     step_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
                                         grad_accum_steps=config.train.grad_accum_steps), donate_argnums=(0, 1))
     metrics_log = metrics.MetricsLog(
@@ -127,7 +130,7 @@ def fit(run: Run) -> list[dict]:
     last_time, last_step = time.perf_counter(), start_step
     for step in range(start_step + 1, end_step + 1):
         batch = {key: jnp.asarray(value) for key, value in next(data_iter).items()}
-        params, opt_state, step_metrics = step_fn(params, opt_state, batch)
+        params, opt_state, step_metrics = step_fn(params, opt_state, batch, jax.random.fold_in(positions_key, step))
         bar.update(1)
         if step % config.train.log_every == 0 or step == end_step:
             step_metrics = {key: float(value) for key, value in jax.device_get(step_metrics).items()}

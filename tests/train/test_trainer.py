@@ -111,7 +111,7 @@ def test_gradient_accumulation_gives_the_same_update(make_config):
     model = build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
     optimizer, _ = make_optimizer(config.train)
     params, _ = init_params(model, jax.random.key(0))
-    results = [jax.jit(lambda p, o, b, n=n: train_step(p, o, b, model=model, optimizer=optimizer,
+    results = [jax.jit(lambda p, o, b, n=n: train_step(p, o, b, jax.random.key(1), model=model, optimizer=optimizer,
                                                        grad_accum_steps=n))(params, optimizer.init(params), batch)
                for n in (1, 2, 4)]
     for params_n, _, metrics_n in results[1:]:
