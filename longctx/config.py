@@ -44,6 +44,7 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0  # Seeds the parameter initialisation and the data order.
 
     c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 0  # Rows of the embedding; 0: the tokenizer's vocabulary size (an HF model's may be padded).
     c.model.hidden_size = 768  # Width of the residual stream.
     c.model.intermediate_size = 2048  # Hidden width of the SwiGLU MLP.
     c.model.num_layers = 12

@@ -8,10 +8,16 @@ from longctx.models.llama import Llama, LlamaConfig, check_forward, init_params
 
 
 def build_model(model_config: ml_collections.ConfigDict, vocab_size: int, train_len: int) -> Llama:
-    """The decoder that `model_config` (the `model` section of a longctx config) describes, for `vocab_size` tokens.
+    """The decoder that `model_config` (the `model` section of a longctx config) describes, for a tokenizer of
+    `vocab_size` tokens (model.vocab_size, when set, must cover them).
 
     `train_len` (the run's data.seq_len) stands in for a scheme's `original_max_position_embeddings` left None.
     """
+    if model_config.vocab_size:
+        if model_config.vocab_size < vocab_size:
+            raise ValueError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the tokenizer's "
+                             f"vocabulary ({vocab_size}); set it to 0 to use the tokenizer's size")
+        vocab_size = model_config.vocab_size
     scheme_params = {k: v for k, v in model_config.positions.items() if k != "name"}
     if scheme_params.get(positions.TRAIN_LENGTH_FIELD, 0) is None:
         scheme_params[positions.TRAIN_LENGTH_FIELD] = train_len

@@ -91,6 +91,15 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, r
             + "\n  ".join(differences)
             + "\nUse the run's own config, --overwrite to replace the run, or another --workdir."
         )
+    if not (workdir / CHECKPOINT_DIR).exists():
+        return
+    checkpoints = Checkpoints(workdir)
+    latest = checkpoints.latest_step()
+    resumable = latest is None or checkpoints.holds_training_state(latest)
+    checkpoints.close()
+    if not resumable:
+        raise WorkdirError(f"cannot resume the run in {workdir}: its checkpoint at step {latest} holds weights only "
+                           f"(converted from HF?), without the optimizer and data state a resume continues from")
 
 
 def holds_run(workdir: pathlib.Path) -> bool:
@@ -138,6 +147,16 @@ class Checkpoints:
             data_iter=grain.checkpoint.CheckpointSave(data_iter),
             config=ocp.args.JsonSave(config_as_dict(config)),
         ))
+
+    def save_params(self, step: int, params, config: ml_collections.ConfigDict) -> None:
+        """A checkpoint of params and config only (converted weights: evaluable, not resumable)."""
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), config=ocp.args.JsonSave(config_as_dict(config))))
+
+    def holds_training_state(self, step: int) -> bool:
+        """Whether the checkpoint of `step` has the optimizer and data-iterator state a resume needs."""
+        step_dir = pathlib.Path(self.manager.directory) / str(step)
+        return all((step_dir / item).exists() for item in ("opt_state", "data_iter"))
 
     def restore_training(self, step: int, abstract_params, abstract_opt_state, data_iter: grain.DatasetIterator):
         """(params, opt_state) of `step`; `data_iter` is set to where it was when that step was saved."""

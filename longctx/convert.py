@@ -1,0 +1,101 @@
+"""Between HF model directories and longctx runs: `hf_to_run` makes an HF checkpoint a run that `longctx.eval`
+measures (and `--positions` re-extends); `run_to_hf` writes a trained run as a directory transformers loads.
+
+A converted run holds the HF model's config as a longctx config (sizes, q/k/v biases, mask, position scheme and its
+parameters, `model.vocab_size` for a padded embedding) and a weights-only checkpoint at step 0; it can be evaluated,
+not resumed (there is no optimizer or data state to continue from).
+"""
+
+import pathlib
+import shutil
+
+import jax
+import ml_collections
+
+from longctx import positions
+from longctx.config import base_config, positions_config, validate
+from longctx.data import load_tokenizer
+from longctx.models import build_model, hf, init_params
+from longctx.positions.base import scheme_params
+from longctx.train import checkpoint
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def scheme_config(scheme: positions.PositionScheme) -> ml_collections.ConfigDict:
+    """`model.positions` holding `scheme`'s name and parameters (tuples as lists, as configs store them)."""
+    values = {name: getattr(scheme, name) for name in scheme_params(type(scheme))}
+    values = {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+    return positions_config(scheme.scheme_name, **values)
+
+
+def run_config(hf_dir: pathlib.Path, *, tokenizer: str | None = None, seq_len: int | None = None,
+               dtype: str = "float32") -> ml_collections.ConfigDict:
+    """The longctx config of the HF model in `hf_dir`: data.tokenizer is its tokenizer.json unless `tokenizer` is
+    given, data.seq_len its max_position_embeddings unless `seq_len` is."""
+    hf_config = hf.read_config(hf_dir)
+    llama = hf.llama_config_from_hf(hf_config, dtype=dtype)
+    if tokenizer is None:
+        if not (hf_dir / TOKENIZER_FILE).exists():
+            raise FileNotFoundError(f"{hf_dir} has no {TOKENIZER_FILE}; name the model's tokenizer with --tokenizer")
+        tokenizer = str((hf_dir / TOKENIZER_FILE).absolute())
+    config = base_config()
+    config.model.update(
+        vocab_size=llama.vocab_size, hidden_size=llama.hidden_size, intermediate_size=llama.intermediate_size,
+        num_layers=llama.num_layers, num_heads=llama.num_heads, num_kv_heads=llama.num_kv_heads,
+        head_dim=llama.head_dim, rms_norm_eps=llama.rms_norm_eps, tie_embeddings=llama.tie_embeddings,
+        qkv_bias=llama.qkv_bias, dtype=dtype)
+    window = getattr(llama.mask, "window", 0)
+    config.model.attention.update(mask="sliding_window" if window else "causal", window=window)
+    with config.unlocked():
+        config.model.positions = scheme_config(positions.from_hf_config(hf_config))
+    config.data.tokenizer = tokenizer
+    config.data.seq_len = seq_len or hf_config["max_position_embeddings"]
+    validate(config)
+    return config
+
+
+def hf_to_run(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, *, tokenizer: str | None = None,
+              seq_len: int | None = None, dtype: str = "float32") -> ml_collections.ConfigDict:
+    """Writes the HF model in `hf_dir` as a longctx run in `workdir` (which must not hold a run); returns its config.
+    Everything is read and checked before the workdir is touched."""
+    hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
+    config = run_config(hf_dir, tokenizer=tokenizer, seq_len=seq_len, dtype=dtype)
+    vocab_size = load_tokenizer(config.data.tokenizer).vocab_size
+    build_model(config.model, vocab_size, config.data.seq_len)  # the tokenizer fits the embedding
+    _, params = hf.load(hf_dir, dtype=dtype)
+    checkpoint.check_workdir(workdir, config, resume=False, overwrite=False)
+    checkpoint.start_workdir(workdir, config, overwrite=False)
+    checkpoints = checkpoint.Checkpoints(workdir, create=True)
+    checkpoints.save_params(0, params, config)
+    checkpoints.close()
+    return config
+
+
+def run_to_hf(workdir: str | pathlib.Path, hf_dir: str | pathlib.Path, *, step: int | None = None,
+              dtype: str = "float32", max_position_embeddings: int | None = None,
+              overwrite: bool = False) -> pathlib.Path:
+    """Writes the run in `workdir` (its newest checkpoint, or `step`) as an HF directory; the run's HF tokenizer.json,
+    if it has one, goes with it. `max_position_embeddings` defaults to the scheme's length, else data.seq_len."""
+    workdir, hf_dir = pathlib.Path(workdir), pathlib.Path(hf_dir)
+    config = checkpoint.load_run_config(workdir)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    model = build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
+    if max_position_embeddings is None and getattr(model.position_scheme, positions.TRAIN_LENGTH_FIELD, None) is None:
+        max_position_embeddings = config.data.seq_len
+    hf.hf_config_of(model, max_position_embeddings=max_position_embeddings, dtype=dtype)  # refuses before any work
+    checkpoints = checkpoint.Checkpoints(workdir)
+    available = checkpoints.manager.all_steps()
+    if not available or (step is not None and step not in available):
+        checkpoints.close()
+        raise ValueError(f"{workdir} has no checkpoint {'at step ' + str(step) if step is not None else ''}; "
+                         f"it has steps {sorted(available)}")
+    abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0))[0])
+    params = checkpoints.restore_params(max(available) if step is None else step, abstract)
+    checkpoints.close()
+    token_ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    path = hf.save(model, params, hf_dir, max_position_embeddings=max_position_embeddings, dtype=dtype,
+                   extra_config=token_ids, overwrite=overwrite)
+    if config.data.tokenizer.endswith(".json"):
+        shutil.copy(config.data.tokenizer, path / TOKENIZER_FILE)
+    return path
