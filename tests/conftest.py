@@ -3,6 +3,7 @@
 import json
 import pathlib
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -28,6 +29,13 @@ def write_corpus(directory: pathlib.Path, num_docs: int = 40, seed: int = 0) -> 
             text = " ".join(WORDS[(start + j) % len(WORDS)] for j in range(n)) + "."
             f.write(json.dumps({"id": i, "text": text}) + "\n")
     return str(directory / "*.jsonl")
+
+
+@pytest.fixture(autouse=True)
+def highest_matmul_precision():
+    """Oracle comparisons hold their float32 tolerances on GPUs too, whose float32 matmul default is TF32-class."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 @pytest.fixture(scope="session")

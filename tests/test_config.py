@@ -1,19 +1,20 @@
 """Config validation and the command line's handling of bad input: each error names the field and what is allowed."""
 
 import pathlib
+import runpy
 import subprocess
 import sys
 
 import pytest
 
+from longctx import positions
 from longctx.config import base_config, positions_config, validate
+from longctx.models import build_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_shipped_configs_are_valid():
-    import runpy
-
     for path in sorted((REPO / "configs").glob("*.py")):
         validate(runpy.run_path(str(path))["get_config"]())
 
@@ -27,6 +28,27 @@ def test_config_argument_picks_the_position_scheme():
         base_config("positions=nope")
     with pytest.raises(ValueError, match="'none' has no parameter theta"):
         positions_config("none", theta=1.0)
+
+
+@pytest.mark.parametrize("name", positions.names())
+def test_every_scheme_is_usable_from_a_config(name):
+    """`--config=configs/tiny.py:positions=<name>` gives a valid config whose model carries that scheme, its training
+    length filled in from data.seq_len where the scheme measures against one."""
+    config = runpy.run_path(str(REPO / "configs" / "tiny.py"))["get_config"](f"positions={name}")
+    validate(config)
+    scheme = build_model(config.model, vocab_size=259, train_len=config.data.seq_len).position_scheme
+    assert scheme.scheme_name == name
+    if positions.TRAIN_LENGTH_FIELD in positions.default_params(name):
+        assert getattr(scheme, positions.TRAIN_LENGTH_FIELD) == config.data.seq_len == 256
+
+
+def test_model_vocab_size_must_cover_the_tokenizer():
+    config = base_config()
+    config.model.vocab_size = 100
+    with pytest.raises(ValueError, match=r"model.vocab_size \(100\) is smaller than the tokenizer's vocabulary"):
+        build_model(config.model, vocab_size=259, train_len=16)
+    config.model.vocab_size = 320
+    assert build_model(config.model, vocab_size=259, train_len=16).config.vocab_size == 320
 
 
 def _invalid(**changes):

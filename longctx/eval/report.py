@@ -35,9 +35,12 @@ def plot_ppl(report: dict[str, Any], path: pathlib.Path) -> None:
     """Perplexity vs evaluation length, one line per scheme, the unigram baseline dashed, the training length marked;
     the y axis turns logarithmic when the values span more than a factor of 20."""
     lengths = report["lengths"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for scheme, by_length in report["ppl"].items():
-        ax.plot(lengths, [by_length[str(n)]["ppl"] for n in lengths], marker="o", label=scheme_label(report, scheme))
+    schemes = list(report["ppl"])
+    fig, ax = plt.subplots(figsize=(6.4 + (1.8 if len(schemes) > 6 else 0), 4.2), dpi=120)
+    colors = plt.get_cmap("tab10" if len(schemes) <= 10 else "tab20").colors  # one color per scheme
+    for i, scheme in enumerate(schemes):
+        ax.plot(lengths, [report["ppl"][scheme][str(n)]["ppl"] for n in lengths], marker="osv^D"[i % 5],
+                color=colors[i % len(colors)], label=scheme_label(report, scheme))
     ax.plot(lengths, [report["unigram"][str(n)]["ppl"] for n in lengths], linestyle="--", color="gray",
             label="unigram baseline")
     ax.axvline(report["train_seq_len"], color="black", linestyle=":", linewidth=1, label="training length")
@@ -49,7 +52,10 @@ def plot_ppl(report: dict[str, Any], path: pathlib.Path) -> None:
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"Perplexity vs length — {pathlib.Path(report['workdir']).name}, step {report['step']}")
-    ax.legend(loc="best")
+    if len(schemes) > 6:  # a legend this long would hide the lines: it goes beside the plot
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    else:
+        ax.legend(loc="best")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

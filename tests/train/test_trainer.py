@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from longctx.config import positions_config
 from longctx.data import load_tokenizer
 from longctx.models import build_model, init_params
 from longctx.train import checkpoint, train
@@ -160,3 +161,16 @@ def test_bad_input_fails_before_the_workdir_is_touched(tmp_path, make_config):
 def test_tensorboard_events_are_written(tmp_path, make_config):
     train(make_config(**{"train.steps": 2, "train.tensorboard": True}), tmp_path)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_clex_parameters_train_and_checkpoint_with_the_model(tmp_path, make_config):
+    config = make_config(**{"train.steps": 4, "model.positions": positions_config("clex", max_factor=4)})
+    train(config, tmp_path)
+    model = build_model(config.model, load_tokenizer(config.data.tokenizer).vocab_size, config.data.seq_len)
+    initial, _ = init_params(model, jax.random.key(config.seed))
+    checkpoints = checkpoint.Checkpoints(tmp_path)
+    trained = checkpoints.restore_params(4, jax.eval_shape(lambda: initial))
+    checkpoints.close()
+    assert set(trained["position_scheme"]) == {"ode_up_proj", "ode_down_proj"}
+    np.testing.assert_array_equal(initial["position_scheme"]["ode_down_proj"], 0.0)
+    assert float(jnp.abs(trained["position_scheme"]["ode_down_proj"]).max()) > 0  # the ODE learned
