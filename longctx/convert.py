@@ -22,7 +22,7 @@ from longctx.train import checkpoint
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def scheme_config(scheme: positions.PositionScheme) -> ml_collections.ConfigDict:
+def positions_config_of(scheme: positions.PositionScheme) -> ml_collections.ConfigDict:
     """`model.positions` holding `scheme`'s name and parameters (tuples as lists, as configs store them)."""
     values = {name: getattr(scheme, name) for name in scheme_params(type(scheme))}
     values = {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
@@ -48,7 +48,7 @@ def run_config(hf_dir: pathlib.Path, *, tokenizer: str | None = None, seq_len: i
     window = getattr(llama.mask, "window", 0)
     config.model.attention.update(mask="sliding_window" if window else "causal", window=window)
     with config.unlocked():
-        config.model.positions = scheme_config(positions.from_hf_config(hf_config))
+        config.model.positions = positions_config_of(positions.from_hf_config(hf_config))
     config.data.tokenizer = tokenizer
     config.data.seq_len = seq_len or hf_config["max_position_embeddings"]
     validate(config)

@@ -1,16 +1,23 @@
 """Shared fixtures: a small deterministic text corpus and a config that trains on it in seconds."""
 
 import json
+import os
 import pathlib
 
-import jax
-import ml_collections
-import numpy as np
-import pytest
+# Before jax is imported, and inherited by the command-line runs tests start: float32 matmuls at full precision, so
+# oracle comparisons hold their tolerances on GPUs too (their float32 default is TF32-class) and in-process and
+# subprocess runs compute alike.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
-from longctx.train.determinism import request_deterministic_gpu_ops
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from longctx.train.determinism import request_deterministic_gpu_ops  # noqa: E402
 
 request_deterministic_gpu_ops()  # before any test computes: exact-resume tests compare losses bit for bit
+jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])  # if a plugin beat us
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -29,13 +36,6 @@ def write_corpus(directory: pathlib.Path, num_docs: int = 40, seed: int = 0) -> 
             text = " ".join(WORDS[(start + j) % len(WORDS)] for j in range(n)) + "."
             f.write(json.dumps({"id": i, "text": text}) + "\n")
     return str(directory / "*.jsonl")
-
-
-@pytest.fixture(autouse=True)
-def highest_matmul_precision():
-    """Oracle comparisons hold their float32 tolerances on GPUs too, whose float32 matmul default is TF32-class."""
-    with jax.default_matmul_precision("highest"):
-        yield
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from safetensors.flax import save_file
 from longctx.attention import masks
 from longctx.models.llama import Llama, LlamaConfig, init_params
 from longctx.positions import from_hf_config, hf_rope_fields
-from longctx.positions.hf import hf_head_dim
+from longctx.positions.hf import hf_head_dim, rope_parameters
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -51,29 +51,36 @@ def model_type(config: dict[str, Any]) -> str:
 
 
 def mask_from_hf(config: dict[str, Any]) -> masks.Mask:
-    """Causal, or SlidingWindow(w) when every layer slides (Mistral; Qwen2 with use_sliding_window on all layers)."""
+    """Causal, or SlidingWindow(w) when every layer slides: Mistral with a sliding_window, Qwen2 with
+    use_sliding_window and every layer a "sliding_attention" one (its layer_types, else those max_window_layers
+    gives, as HF builds them)."""
     kind = model_type(config)
-    window = config.get("sliding_window") if kind in ("mistral", "qwen2") else None
-    if kind == "qwen2" and not config.get("use_sliding_window", False):
-        window = None
-    if kind == "qwen2" and window is not None:
-        sliding = [i >= config.get("max_window_layers", 28) for i in range(config["num_hidden_layers"])]
-        layer_types = ["sliding_attention" if s else "full_attention" for s in sliding]
-    else:
-        layer_types = config.get("layer_types") or []
-    kinds = set(layer_types)
-    if kinds and kinds != {"full_attention"} and not (kinds == {"sliding_attention"} and window):
-        raise NotImplementedError(f"the HF config mixes layer types {sorted(kinds)} (layer_types / max_window_layers); "
-                                  f"longctx models give every layer the same mask")
-    if kinds == {"full_attention"} or not window:
+    if kind == "mistral":
+        window = config.get("sliding_window")
+        return masks.SlidingWindow(int(window)) if window else masks.Causal()
+    if kind != "qwen2" or not config.get("use_sliding_window", False) or not config.get("sliding_window"):
         return masks.Causal()
-    return masks.SlidingWindow(int(window))
+    layer_types = config.get("layer_types") or [
+        "sliding_attention" if i >= config.get("max_window_layers", 28) else "full_attention"
+        for i in range(config["num_hidden_layers"])]
+    kinds = set(layer_types)
+    if kinds == {"full_attention"}:
+        return masks.Causal()
+    if kinds == {"sliding_attention"}:
+        return masks.SlidingWindow(int(config["sliding_window"]))
+    raise NotImplementedError(f"the HF config mixes layer types {sorted(kinds)} (layer_types / max_window_layers); "
+                              f"longctx models give every layer the same mask")
 
 
 def llama_config_from_hf(config: dict[str, Any], *, dtype: str = "float32",
                          attention_impl: str = "auto") -> LlamaConfig:
     """The longctx `LlamaConfig` of an HF config dict; raises NotImplementedError for what it cannot honour."""
     kind = model_type(config)
+    rope = rope_parameters(config)
+    partial = rope.get("partial_rotary_factor", 1.0)
+    if partial != 1 and rope["rope_type"] != "proportional":  # proportional RoPE spans the whole head by design
+        raise NotImplementedError(f"HF config partial_rotary_factor={partial}: transformers' {kind} rotates the whole "
+                                  f"head (or fails) whatever it says, so longctx will not guess")
     unsupported = {
         "hidden_act": config.get("hidden_act", "silu") != "silu",
         "attention_bias": kind != "qwen2" and bool(config.get("attention_bias", False)),
@@ -191,6 +198,10 @@ def hf_config_of(model: Llama, *, max_position_embeddings: int | None = None,
                              "length the model was trained for")
         max_position_embeddings = original if scheme.scheme_name == "dynamic" else int(
             original * getattr(scheme, "factor", 1))
+    if scheme.scheme_name == "dynamic" and max_position_embeddings != scheme.original_max_position_embeddings:
+        raise ValueError(f"max_position_embeddings={max_position_embeddings}: HF's dynamic NTK measures against it, "
+                         f"so it must be the scheme's original_max_position_embeddings "
+                         f"({scheme.original_max_position_embeddings})")
     if isinstance(cfg.mask, masks.Causal):
         window = None
     elif isinstance(cfg.mask, masks.SlidingWindow):

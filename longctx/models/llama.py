@@ -162,6 +162,10 @@ class Llama(nn.Module):
     config: LlamaConfig
     position_scheme: PositionScheme
 
+    def __post_init__(self):
+        super().__post_init__()
+        self.position_scheme.check_mask(self.config.mask)
+
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, *, train: bool = False) -> jax.Array:

@@ -4,7 +4,8 @@ Press et al., "Train Short, Test Long: Attention with Linear Biases Enables Inpu
 Head h of H adds −m_h · (i − j) to the logit of query i and key j, with slopes the geometric sequence
 m_h = 2^(−8h/H), h = 1..H, for H a power of two; otherwise the slopes of the nearest smaller power of two P followed
 by every other slope of 2P (the paper's reference code). Attention receives the slopes (`alibi_slopes`) and computes
-the bias itself, so no [H, T, S] tensor is built outside the kernel.
+the bias itself, so no [H, T, S] tensor is built outside the kernel. It measures distance in token rows
+(q_offset + t − s), which is the position difference within a packed document, whose positions run 0, 1, 2, ...
 """
 
 import math
@@ -43,4 +44,7 @@ class ALiBi(PositionScheme):
 
     def __call__(self, positions: jax.Array, kv_positions: jax.Array | None = None, *,
                  train: bool = False) -> PositionEncoding:
+        if kv_positions is not None:
+            raise NotImplementedError("alibi measures distance in rows (attention's q_offset); it takes no "
+                                      "kv_positions")
         return ALiBiEncoding()

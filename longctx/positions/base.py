@@ -17,6 +17,8 @@ import flax.linen as nn
 from flax import struct
 import jax
 
+from longctx.attention import masks
+
 AttendFn = Callable[..., jax.Array]
 """`attend_fn(q, k, v, *, within=None, **overrides) -> [B, T, Hq, D]`: `longctx.attention.attention` with the layer's
 mask, segment ids and implementation bound. `within` (a `masks.Mask`) narrows the layer's mask to its intersection
@@ -41,6 +43,9 @@ class PositionScheme(nn.Module):
 
     head_dim: int
 
+    def check_mask(self, mask: masks.Mask) -> None:
+        """Raises ValueError if this scheme cannot run under the layers' mask (`model.attention.mask`)."""
+
     def __call__(self, positions: jax.Array, kv_positions: jax.Array | None = None, *,
                  train: bool = False) -> PositionEncoding:
         """positions: [B, T] int32 of the queries; kv_positions: [B, S] of the keys (default: the same).
@@ -48,6 +53,14 @@ class PositionScheme(nn.Module):
         `train` is True in a training step; a scheme that samples there (CLEX) draws from the "positions" rng.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")
+
+
+def require_causal_mask(scheme_name: str, mask: masks.Mask) -> None:
+    """For schemes that split the causal keys themselves (LM-Infinite, Self-Extend): any other layer mask would cut
+    or widen what they see without a word."""
+    if not isinstance(mask, masks.Causal):
+        raise ValueError(f"position scheme {scheme_name!r} makes its own causal masks and needs "
+                         f"model.attention.mask=causal, got {mask!r}")
 
 
 def scheme_params(scheme_cls: type[PositionScheme]) -> dict[str, Any]:

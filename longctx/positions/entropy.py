@@ -6,17 +6,27 @@ query at position p is multiplied by
 
     λ(p) = max(1, log(p + 1) / log(L)),    L = original_max_position_embeddings (the training length),
 
-so logits grow with log(p) beyond L and stay untouched within it. Since rotation is linear, λ scales the query's
-rotary tables.
+so logits grow with log(p) beyond L and stay untouched within it. The scale applies in every layer (the paper leaves
+its first two layers unscaled; a longctx scheme hands all layers one encoding).
 """
 
 import jax
 import jax.numpy as jnp
 
-from longctx.positions.base import PositionEncoding
+from longctx.positions.base import AttendFn, PositionEncoding
 from longctx.positions.registry import register
-from longctx.positions.rope import ABF
+from longctx.positions.rope import ABF, RotaryEncoding
 from longctx.positions.rope_scaling import check_train_length
+
+
+class ScaledQueryEncoding(RotaryEncoding):
+    """Rotary tables and a per-position query scale [B, T] float32 (the whole query, pass-through dims included)."""
+
+    query_scale: jax.Array
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, attend_fn: AttendFn) -> jax.Array:
+        scaled = (q.astype(jnp.float32) * self.query_scale[:, :, None, None]).astype(q.dtype)
+        return attend_fn(*self.rotate(scaled, k), v)
 
 
 @register("entropy_abf")
@@ -43,5 +53,5 @@ class EntropyABF(ABF):
     def __call__(self, positions: jax.Array, kv_positions: jax.Array | None = None, *,
                  train: bool = False) -> PositionEncoding:
         encoding = self.rotary_encoding(positions, kv_positions)
-        scale = self.query_scale(positions)[..., None]
-        return encoding.replace(q_cos=encoding.q_cos * scale, q_sin=encoding.q_sin * scale)
+        return ScaledQueryEncoding(q_cos=encoding.q_cos, q_sin=encoding.q_sin, k_cos=encoding.k_cos,
+                                   k_sin=encoding.k_sin, query_scale=self.query_scale(positions))

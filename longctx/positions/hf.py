@@ -91,8 +91,9 @@ def from_hf_config(config: dict[str, Any]) -> RoPE:
     if rope_type == "yarn":
         params.update(beta_fast=float(parameters.get("beta_fast") or 32),
                       beta_slow=float(parameters.get("beta_slow") or 1),
-                      truncate=bool(parameters.get("truncate", True)), mscale=parameters.get("mscale"),
-                      mscale_all_dim=parameters.get("mscale_all_dim"),
+                      truncate=bool(parameters.get("truncate", True)),
+                      # HF tests mscale and mscale_all_dim for truth, so 0 means unset.
+                      mscale=parameters.get("mscale") or None, mscale_all_dim=parameters.get("mscale_all_dim") or None,
                       attn_factor=parameters.get("attention_factor"))
     if rope_type == "longrope":
         params.update(short_factor=parameters["short_factor"], long_factor=parameters["long_factor"],

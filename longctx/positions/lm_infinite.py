@@ -9,13 +9,16 @@ L = original_max_position_embeddings (the training length) and n_global leading 
 and no other key. Both branches attend with RoPE; the capped one rotates the query at position L and leaves the key
 at position 0, and the two are merged by log-sum-exp (`attention.merge_attention`), which equals one softmax over the
 union. With packed documents, j < n_global counts from each document's start.
+Rotations follow the positions; the branch masks count distance in rows (q_offset + t − s), which is the same
+within a packed document, whose positions run 0, 1, 2, ... The layers' mask must be causal (`check_mask`).
 """
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 from longctx.attention import masks, merge_attention
-from longctx.positions.base import AttendFn, PositionEncoding
+from longctx.positions.base import AttendFn, PositionEncoding, require_causal_mask
 from longctx.positions.registry import register
 from longctx.positions.rope import RoPE, RotaryEncoding, apply_rotary, check_positive, rotary_tables
 from longctx.positions.rope_scaling import check_train_length
@@ -53,11 +56,14 @@ class LMInfinite(RoPE):
         raise NotImplementedError("lm_infinite changes the attention mask and caps distances; HF has no rope type "
                                   "for it")
 
+    def check_mask(self, mask: masks.Mask) -> None:
+        require_causal_mask(self.scheme_name, mask)
+
     def __call__(self, positions: jax.Array, kv_positions: jax.Array | None = None, *,
                  train: bool = False) -> PositionEncoding:
         encoding = self.rotary_encoding(positions, kv_positions)
         cap = self.original_max_position_embeddings
-        capped_cos, capped_sin = rotary_tables(positions * 0 + cap, self.inv_freq(), self.attention_factor())
+        capped_cos, capped_sin = rotary_tables(jnp.full_like(positions, cap), self.inv_freq(), self.attention_factor())
         return LMInfiniteEncoding(q_cos=encoding.q_cos, q_sin=encoding.q_sin, k_cos=encoding.k_cos,
                                   k_sin=encoding.k_sin, capped_q_cos=capped_cos, capped_q_sin=capped_sin,
                                   window=cap, n_global=self.n_global)

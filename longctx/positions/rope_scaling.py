@@ -87,7 +87,9 @@ class DynamicNTK(RoPE):
 
         base(L) = theta · (factor · L' / M − (factor − 1))^(R / (R − 2)),    inv_freq_i = base(L)^(-2i/R),
 
-    so at L ≤ M it is plain RoPE. L is max(position) + 1 over the batch, as in HF.
+    so at L ≤ M it is plain RoPE. L is max(position) + 1 over the batch, as in HF. Each call follows its own length:
+    HF's module also keeps the base of the longest sequence it has seen until a call falls back to M or below, so in
+    generate() its later, shorter calls reuse the grown base; ours never remember.
     """
 
     factor: float = 4.0

@@ -10,13 +10,15 @@ neighbour window W, query at position p_q and key at p_k, d = p_q − p_k:
 (the shift makes the two branches meet at d = W). Each branch attends with its own rotary tables over its own keys
 and they are merged by log-sum-exp, which equals one softmax over all keys with the per-pair distances above — the
 flash-attention form of the paper's implementation.
+Rotations follow the positions; the branch masks count distance in rows (q_offset + t − s), which is the same
+within a packed document, whose positions run 0, 1, 2, ... The layers' mask must be causal (`check_mask`).
 """
 
 import jax
 from flax import struct
 
 from longctx.attention import masks, merge_attention
-from longctx.positions.base import AttendFn, PositionEncoding
+from longctx.positions.base import AttendFn, PositionEncoding, require_causal_mask
 from longctx.positions.registry import register
 from longctx.positions.rope import RoPE, RotaryEncoding, apply_rotary, check_positive, rotary_tables
 from longctx.positions.rope_scaling import check_train_length
@@ -66,6 +68,9 @@ class SelfExtend(RoPE):
 
     def hf_rope_parameters(self) -> dict:
         raise NotImplementedError("self_extend attends twice with two position maps; HF has no rope type for it")
+
+    def check_mask(self, mask: masks.Mask) -> None:
+        require_causal_mask(self.scheme_name, mask)
 
     def __call__(self, positions: jax.Array, kv_positions: jax.Array | None = None, *,
                  train: bool = False) -> PositionEncoding:

@@ -26,18 +26,21 @@ class SoftplusEncoding(RotaryEncoding):
 
 @register("softplus")
 class SoftplusAttention(RoPE):
-    """RoPE + length-scaled softplus attention; `reweight`, `power`, `offset` as in `normalizers.Softplus`."""
+    """RoPE + length-scaled softplus attention; `reweight`, `power`, `offset`, `offset_free_keys` as in
+    `normalizers.Softplus`."""
 
     reweight: bool = False
     power: float = 15.0
     offset: float = 1.0
+    offset_free_keys: int = 3
 
     def __post_init__(self):
         super().__post_init__()
         self.normalizer()  # checks the settings
 
     def normalizer(self) -> normalizers.Softplus:
-        return normalizers.Softplus(reweight=self.reweight, power=self.power, offset=self.offset)
+        return normalizers.Softplus(reweight=self.reweight, power=self.power, offset=self.offset,
+                                    offset_free_keys=self.offset_free_keys)
 
     def hf_rope_parameters(self) -> dict:
         raise NotImplementedError("softplus attention replaces softmax; HF models have no such attention")

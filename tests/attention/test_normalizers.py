@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from longctx.attention import attention, masks, normalizers, reference_attention
+from oracles import naive_allowed, naive_attention
 
 B, T, D = 2, 9, 16
 SEGMENTS = np.array([[1, 1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 2, 2, 2, 2, 2, 0]], np.int32)
@@ -24,15 +25,7 @@ def qkv(Hq=4, Hkv=2, seed=0):
 
 
 def allowed_rows(rule, segments):
-    """[B, T, T] bool: rule(i, j) on positions within the segment, same non-padding segment."""
-    allowed = np.zeros((B, T, T), bool)
-    for b, i, j in itertools.product(range(B), range(T), range(T)):
-        if segments is None:
-            allowed[b, i, j] = rule(i, j)
-        elif segments[b, i] == segments[b, j] != 0:
-            first = list(segments[b]).index(segments[b, j])
-            allowed[b, i, j] = rule(i - first, j - first)
-    return allowed
+    return naive_allowed(rule, T, T, 0, segments, segments, B=B)
 
 
 def numpy_softplus_attention(q, k, v, allowed, reweight=False, power=15.0, offset=1.0, offset_free_keys=3):
@@ -117,22 +110,6 @@ def test_softplus_settings_are_checked(field, value, message):
         normalizers.Softplus(**{field: value})
 
 
-def numpy_alibi(q, k, v, slopes, allowed, q_offset):
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    groups = q.shape[2] // k.shape[2]
-    k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
-    out, lse = np.zeros_like(q), np.full(q.shape[:3], -np.inf)
-    for b, t, h in itertools.product(range(q.shape[0]), range(q.shape[1]), range(q.shape[2])):
-        keys = np.flatnonzero(allowed[b, t])
-        if not len(keys):
-            continue
-        logits = np.array([q[b, t, h] @ k[b, j, h] / math.sqrt(D) - slopes[h] * abs(q_offset + t - j) for j in keys])
-        w = np.exp(logits - logits.max())
-        out[b, t, h] = w @ v[b, keys, h] / w.sum()
-        lse[b, t, h] = logits.max() + np.log(w.sum())
-    return out, lse
-
-
 @pytest.mark.parametrize("impl,q_offset", [("reference", 0), ("xla", 0), ("reference", 3), ("xla", 3)])
 def test_alibi_matches_naive_numpy(impl, q_offset):
     q, k, v = qkv()
@@ -142,6 +119,8 @@ def test_alibi_matches_naive_numpy(impl, q_offset):
     out, lse = attention(q, k, v, mask=masks.Causal(), segment_ids=segment_ids, kv_segment_ids=SEGMENTS,
                          alibi_slopes=slopes, q_offset=q_offset, impl=impl, return_lse=True)
     allowed = allowed_rows(lambda i, j: j <= i, SEGMENTS)[:, q_offset:]
-    expected_out, expected_lse = numpy_alibi(q, k, v, slopes, allowed, q_offset)
+    distance = np.abs(np.arange(q_offset, T)[:, None] - np.arange(T)[None, :])
+    expected_out, expected_lse = naive_attention(q, k, v, allowed, scale=D ** -0.5,
+                                                 bias=-slopes[:, None, None] * distance)
     np.testing.assert_allclose(out, expected_out, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(lse, expected_lse, atol=1e-5, rtol=1e-5)

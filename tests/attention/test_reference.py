@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from longctx.attention import masks, reference_attention
+from oracles import naive_allowed, naive_attention
 
 S = 8
 EXPLICIT = np.random.default_rng(1).random((S, S)) < 0.5
@@ -26,35 +27,6 @@ MASKS = {
 HEADS = {"gqa": (4, 2), "mha": (2, 2)}
 LAYOUTS = {"self": (S, 0), "suffix": (4, S - 4)}
 KV_SEGMENTS = np.array([[1, 1, 1, 2, 2, 2, 0, 0], [0, 3, 3, 3, 3, 4, 4, 4]], np.int32)
-
-
-def naive_attention(q, k, v, allowed, scale):
-    """float64 loops: q [B, T, Hq, D], k, v [B, S, Hkv, D], allowed [B, T, S] → out [B, T, Hq, D], lse [B, T, Hq]."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    groups = q.shape[2] // k.shape[2]
-    k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
-    B, T, H, D = q.shape
-    out, lse = np.zeros((B, T, H, D)), np.full((B, T, H), -np.inf)
-    for b, t, h in itertools.product(range(B), range(T), range(H)):
-        keep = allowed[b, t]
-        if keep.any():
-            logits = k[b, keep, h] @ q[b, t, h] * scale
-            weights = np.exp(logits - logits.max())
-            out[b, t, h] = weights @ v[b, keep, h] / weights.sum()
-            lse[b, t, h] = logits.max() + np.log(weights.sum())
-    return out, lse
-
-
-def naive_allowed(rule, T, q_offset, seg_q, seg_kv, B=2):
-    """With segments, the rule sees positions counted from the first key of each segment."""
-    allowed = np.zeros((B, T, S), bool)
-    for b, t, s in itertools.product(range(B), range(T), range(S)):
-        if seg_q is None:
-            allowed[b, t, s] = rule(q_offset + t, s)
-        elif seg_q[b, t] == seg_kv[b, s] != 0:
-            first = list(seg_kv[b]).index(seg_kv[b, s])
-            allowed[b, t, s] = rule(q_offset + t - first, s - first)
-    return allowed
 
 
 def make_qkv(T, Hq, Hkv, D=16, B=2, seed=0):
@@ -76,7 +48,7 @@ def test_reference_matches_numpy_oracle(mask_name, heads, layout, with_segments)
     seg_q = None if seg_kv is None else seg_kv[:, q_offset:q_offset + T]
     out, lse = reference_attention(q, k, v, mask=mask, segment_ids=seg_q, kv_segment_ids=seg_kv, q_offset=q_offset,
                                    return_lse=True)
-    allowed = naive_allowed(rule, T, q_offset, seg_q, seg_kv)
+    allowed = naive_allowed(rule, T, S, q_offset, seg_q, seg_kv)
     expected_out, expected_lse = naive_attention(q, k, v, allowed, scale=16 ** -0.5)
     assert out.shape == (2, T, Hq, 16) and out.dtype == jnp.float32
     assert lse.shape == (2, T, Hq) and lse.dtype == jnp.float32
@@ -93,7 +65,7 @@ def test_reference_bfloat16_against_float64_oracle(mask_name):
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in make_qkv(S, 4, 2, seed=2))
     out, lse = reference_attention(q, k, v, mask=mask, segment_ids=KV_SEGMENTS, return_lse=True)
     expected_out, expected_lse = naive_attention(*(np.asarray(x.astype(jnp.float32)) for x in (q, k, v)),
-                                                 naive_allowed(rule, S, 0, KV_SEGMENTS, KV_SEGMENTS), scale=0.25)
+                                                 naive_allowed(rule, S, S, 0, KV_SEGMENTS, KV_SEGMENTS), scale=0.25)
     assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), expected_out, atol=1e-2, rtol=1e-2)
     np.testing.assert_allclose(lse, expected_lse, atol=1e-4, rtol=1e-4)
@@ -101,7 +73,7 @@ def test_reference_bfloat16_against_float64_oracle(mask_name):
 
 def test_scale_and_single_output():
     q, k, v = make_qkv(S, 4, 2)
-    allowed = naive_allowed(MASKS["causal"][1], S, 0, None, None)
+    allowed = naive_allowed(MASKS["causal"][1], S, S, 0, None, None)
     out = reference_attention(q, k, v, mask=masks.Causal(), scale=0.7)
     assert isinstance(out, jax.Array)
     np.testing.assert_allclose(out, naive_attention(q, k, v, allowed, scale=0.7)[0], atol=1e-5, rtol=1e-5)
@@ -136,7 +108,7 @@ def test_query_segments_need_not_be_a_slice_of_the_keys(mask_name):
     mask, rule = MASKS[mask_name]
     q, k, v = make_qkv(4, 4, 2, seed=3)
     seg_q = np.array([[2, 2, 9, 0], [4, 3, 4, 4]], np.int32)  # 9 is in no key row; row 1 is not a slice of its keys
-    expected, _ = naive_attention(q, k, v, naive_allowed(rule, 4, 4, seg_q, KV_SEGMENTS), scale=0.25)
+    expected, _ = naive_attention(q, k, v, naive_allowed(rule, 4, S, 4, seg_q, KV_SEGMENTS), scale=0.25)
     run = jax.jit(lambda offset: reference_attention(q, k, v, mask=mask, segment_ids=seg_q,
                                                      kv_segment_ids=KV_SEGMENTS, q_offset=offset))
     np.testing.assert_allclose(run(jnp.int32(4)), expected, atol=1e-5, rtol=1e-5)

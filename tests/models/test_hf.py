@@ -134,6 +134,7 @@ def test_save_refuses_what_hf_cannot_hold_and_a_used_directory(tmp_path):
     ({"num_hidden_layers": 3}, ValueError, r"missing tensors model.layers.2"),
     ({"hidden_size": 48}, ValueError, r"tensors of another shape: lm_head.weight \(64, 32\), not \(64, 48\)"),
     ({"rope_parameters": {"rope_type": "su", "rope_theta": 1e4}}, ValueError, "unknown rope type 'su'"),
+    ({"partial_rotary_factor": 0.5}, NotImplementedError, "partial_rotary_factor=0.5: transformers' llama rotates"),
 ])
 def test_load_names_what_it_cannot_honour(change, error, message, tmp_path):
     config = {**hf.read_config(FIXTURES / "models" / "llama"), **change}
@@ -143,12 +144,24 @@ def test_load_names_what_it_cannot_honour(change, error, message, tmp_path):
         hf.load(tmp_path)
 
 
-def test_qwen2_sliding_window_on_some_layers_only_is_refused():
+def test_qwen2_sliding_windows_follow_hf_layer_types():
     config = {**hf.read_config(FIXTURES / "models" / "qwen2"), "use_sliding_window": True, "sliding_window": 8,
               "max_window_layers": 1, "layer_types": None}
     with pytest.raises(NotImplementedError, match="mixes layer types"):
         hf.mask_from_hf(config)
     assert hf.mask_from_hf({**config, "max_window_layers": 0}) == masks.SlidingWindow(8)
+    # Explicit layer_types win over max_window_layers, as in transformers; no window without use_sliding_window.
+    assert hf.mask_from_hf({**config, "layer_types": ["sliding_attention"] * 2}) == masks.SlidingWindow(8)
+    assert hf.mask_from_hf({**config, "layer_types": ["full_attention"] * 2}) == masks.Causal()
+    assert hf.mask_from_hf({**config, "use_sliding_window": False, "max_window_layers": 0}) == masks.Causal()
+
+
+def test_dynamic_ntk_is_saved_with_its_own_length(tmp_path):
+    model, params = hf.load(variant_dir(tmp_path, "dynamic"))
+    with pytest.raises(ValueError, match=r"max_position_embeddings=64: HF's dynamic NTK measures against it"):
+        hf.save(model, params, tmp_path / "out", max_position_embeddings=64)
+    hf.save(model, params, tmp_path / "out")
+    assert hf.read_config(tmp_path / "out")["max_position_embeddings"] == 16
 
 
 def test_loading_needs_no_torch():

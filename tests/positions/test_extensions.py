@@ -18,6 +18,7 @@ from longctx import positions
 from longctx.attention import attention, masks
 from longctx.models import Llama, LlamaConfig, init_params
 from longctx.positions.alibi import alibi_slopes
+from oracles import naive_allowed, naive_attention, rotate
 
 D = 16
 
@@ -32,14 +33,6 @@ def attend_fn(mask=masks.Causal(), segment_ids=None, impl="reference", q_offset=
     return attend
 
 
-def rotate(x, angle_positions, theta=10000.0):
-    """x [..., D] rotated (rotate-half layout) by positions (broadcast against x[..., 0]) in float64."""
-    inv_freq = theta ** (-np.arange(0, D, 2) / D)
-    angles = np.asarray(angle_positions, np.float64)[..., None] * inv_freq
-    x1, x2 = x[..., : D // 2], x[..., D // 2:]
-    return np.concatenate([x1 * np.cos(angles) - x2 * np.sin(angles), x2 * np.cos(angles) + x1 * np.sin(angles)], -1)
-
-
 def naive_pairwise(q, k, v, distance, visible):
     """Softmax attention where query t sees key s at `distance(t, s)` (the query rotated by it, the key not) if
     `visible(t, s)`: q [T, H, D], k, v [S, H, D] (one head group), float64."""
@@ -50,7 +43,7 @@ def naive_pairwise(q, k, v, distance, visible):
         if not keys:
             continue
         for h in range(q.shape[1]):
-            logits = np.array([rotate(q[t, h], distance(t, s)) @ k[s, h] for s in keys]) / np.sqrt(D)
+            logits = np.array([rotate(q[t, h], distance(t, s), 10000.0, D) @ k[s, h] for s in keys]) / np.sqrt(D)
             w = np.exp(logits - logits.max())
             out[t, h] = w @ v[keys, h] / w.sum()
     return out
@@ -71,13 +64,20 @@ def test_entropy_abf_query_scale_public_value():
     np.testing.assert_allclose(scale, [[1.0, 1.0, 1.0, 1.0833333]], rtol=1e-6)
 
 
-def test_entropy_abf_is_abf_with_scaled_queries():
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_entropy_abf_multiplies_every_logit_by_the_query_scale(partial):
+    """Logits are ABF's times λ(p), pass-through dims of a partial rotary head included."""
     pos = jnp.arange(20)[None]
-    ours = positions.get("entropy_abf", head_dim=D, original_max_position_embeddings=8)(pos)
-    abf = positions.get("abf", head_dim=D)(pos)
-    scale = np.maximum(1, np.log(np.arange(20) + 1) / np.log(8))[None, :, None]
-    np.testing.assert_allclose(ours.q_cos, abf.q_cos * scale, rtol=1e-6)
-    np.testing.assert_array_equal(ours.k_sin, abf.k_sin)
+    q, k, _ = random_qkv(20)
+    ours = positions.get("entropy_abf", head_dim=D, original_max_position_embeddings=8, partial_rotary_factor=partial)
+    abf = positions.get("abf", head_dim=D, partial_rotary_factor=partial)
+
+    def logits(q, k, v, **overrides):
+        return jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32))
+
+    scale = np.maximum(1, np.log(np.arange(20) + 1) / np.log(8))[None, None, :, None]
+    np.testing.assert_allclose(ours(pos).attend(q, k, None, logits), abf(pos).attend(q, k, None, logits) * scale,
+                               rtol=1e-5, atol=1e-5)
 
 
 # --- ALiBi -------------------------------------------------------------------------------------------------------
@@ -91,13 +91,10 @@ def test_alibi_slopes_are_the_papers():
 def test_alibi_attends_with_a_linear_distance_penalty():
     q, k, v = random_qkv(7, H=4)
     out = positions.get("alibi", head_dim=D)(jnp.arange(7)[None]).attend(q, k, v, attend_fn())
-    slopes = alibi_slopes(4)
-    logits = np.einsum("thd,shd->hts", q[0], k[0]) / np.sqrt(D) - slopes[:, None, None] * np.abs(
-        np.arange(7)[:, None] - np.arange(7)[None])
-    logits = np.where(np.tril(np.ones((7, 7), bool)), logits, -np.inf)
-    weights = np.exp(logits - logits.max(-1, keepdims=True))
-    expected = np.einsum("hts,shd->thd", weights / weights.sum(-1, keepdims=True), v[0])
-    np.testing.assert_allclose(out[0], expected, atol=2e-5, rtol=2e-5)
+    distance = np.abs(np.arange(7)[:, None] - np.arange(7)[None])
+    expected, _ = naive_attention(q, k, v, naive_allowed(lambda i, j: j <= i, 7, 7, 0, None, None, B=1),
+                                  scale=D ** -0.5, bias=-alibi_slopes(4)[:, None, None] * distance)
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
 
 
 # --- LM-Infinite ---------------------------------------------------------------------------------------------------
@@ -205,13 +202,14 @@ def tokens(length, seed=1):
 SCALE_ONE = {
     "linear": {"factor": 1.0}, "ntk": {"factor": 1.0}, "dynamic": {}, "yarn": {"factor": 1.0},
     "llama3": {"factor": 1.0}, "longrope": {"factor": 1.0}, "abf": {"base_scale": 1.0},
-    "entropy_abf": {"base_scale": 1.0}, "lm_infinite": {}, "self_extend": {"neighbor_window": TRAIN_LENGTH},
+    "entropy_abf": {"base_scale": 1.0}, "lm_infinite": {}, "self_extend": {"group_size": 1, "neighbor_window": 4},
     "proportional": {}, "clex": {},
 }
 
 
 @pytest.mark.parametrize("name", sorted(SCALE_ONE))
 def test_scale_one_reduces_to_rope_within_the_training_length(name):
+    """(Self-Extend with G = 1 puts grouped positions on the true ones, so its far branch runs and still agrees.)"""
     ids = tokens(TRAIN_LENGTH)
     expected = model_with("rope").apply({"params": shared_params()}, ids)
     model = model_with(name, **SCALE_ONE[name])
@@ -244,3 +242,12 @@ def test_every_scheme_trains_on_packed_documents_each_read_as_if_alone(name):
     evaluate = jax.jit(model.apply)
     packed = evaluate({"params": params}, ids, pos, segment_ids)
     np.testing.assert_allclose(packed[:, 14:], evaluate({"params": params}, ids[:, 14:]), atol=1e-5, rtol=1e-5)
+
+
+def test_schemes_that_make_their_own_masks_refuse_another_layer_mask():
+    for name in ("lm_infinite", "self_extend"):
+        with pytest.raises(ValueError, match=f"'{name}' makes its own causal masks and needs model.attention.mask"):
+            Llama(dataclasses.replace(CONFIG, mask=masks.SlidingWindow(8)),
+                  position_scheme=positions.get(name, head_dim=D, original_max_position_embeddings=16))
+    with pytest.raises(NotImplementedError, match="alibi measures distance in rows"):
+        positions.get("alibi", head_dim=D)(jnp.arange(4)[None], kv_positions=jnp.arange(4)[None])

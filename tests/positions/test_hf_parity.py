@@ -90,5 +90,9 @@ def test_unknown_or_unsupported_hf_rope_settings_raise_naming_them():
         positions.from_hf_config({**base, "layer_types": ["sliding_attention", "full_attention"],
                                   "rope_parameters": {"sliding_attention": {"rope_type": "default"},
                                                       "full_attention": {"rope_type": "linear", "factor": 2.0}}})
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    zero_mscale = positions.from_hf_config({**base, "rope_parameters": {**yarn, "mscale": 0, "mscale_all_dim": 0}})
+    plain = positions.from_hf_config({**base, "rope_parameters": yarn})
+    assert zero_mscale.attention_factor() == plain.attention_factor() == pytest.approx(1.138629436111989)
     with pytest.raises(ValueError, match="needs rope_parameters\\['factor'\\]"):
         positions.from_hf_config({**base, "rope_parameters": {"rope_type": "linear"}})

@@ -7,20 +7,7 @@ import pytest
 
 from longctx import positions
 from longctx.positions.rope import apply_rotary
-
-
-def naive_rope(x: np.ndarray, pos: np.ndarray, theta: float, rotary_dim: int) -> np.ndarray:
-    """x [B, T, H, D] rotated pair by pair in float64: (x_i, x_{i+R/2}) by angle pos·theta^(-2i/R)."""
-    out = x.astype(np.float64).copy()
-    half = rotary_dim // 2
-    for b in range(x.shape[0]):
-        for t in range(x.shape[1]):
-            for i in range(half):
-                angle = pos[b, t] * theta ** (-2.0 * i / rotary_dim)
-                a, c = x[b, t, :, i].astype(np.float64), x[b, t, :, i + half].astype(np.float64)
-                out[b, t, :, i] = a * np.cos(angle) - c * np.sin(angle)
-                out[b, t, :, i + half] = c * np.cos(angle) + a * np.sin(angle)
-    return out
+from oracles import naive_rope
 
 
 def identity_attend(q, k, v, **overrides):
