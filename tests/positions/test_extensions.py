@@ -7,7 +7,6 @@ float32 lose ~1e-3 rad at the lowest frequencies only where p·inv_freq is large
 
 import dataclasses
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
