@@ -1,0 +1,15 @@
+"""pallas_kernels: block-sparse flash attention in Pallas for Hopper GPUs (Mosaic GPU), other CUDA GPUs (Triton) and
+TPUs (Mosaic TPU). Standalone: imports jax and numpy, never longctx.
+
+    from pallas_kernels import flash_attention, masks
+    out = flash_attention(q, k, v, mask=masks.SlidingWindow(1024), segment_ids=ids)
+"""
+
+from pallas_kernels import masks
+from pallas_kernels.flash.attention import BlockSizes, flash_attention
+from pallas_kernels.flash.layout import BlockLayout, block_layout
+from pallas_kernels.flash.normalizers import Softmax, Softplus
+from pallas_kernels.reference import reference_attention
+
+__all__ = ["BlockLayout", "BlockSizes", "Softmax", "Softplus", "block_layout", "flash_attention", "masks",
+           "reference_attention"]

@@ -1,0 +1,82 @@
+"""The arithmetic the kernels of every backend share, on values already loaded from a block (plain jnp).
+
+Softmax runs in base 2 as FlashAttention-2 does: scores are scaled by scale · log2(e), so exp2 replaces exp and the
+natural-log lse is (m + log2 l) · ln 2. Softplus helpers follow `normalizers.Softplus` (LSSA).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.flash import normalizers
+
+LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
+
+
+def block_allowed(mask, q_start, kv_start, block_q: int, block_kv: int, head, *, partial: bool,
+                  q_segment_ids=None, kv_segment_ids=None, iota_2d: bool = False):
+    """bool [block_q, block_kv] of what queries q_start.. may see of keys kv_start.., or None when all is allowed.
+
+    The mask is evaluated only on partial blocks; segment ids (int [block_q] and [block_kv]) always apply. iota_2d
+    builds positions with 2-D iotas (Mosaic TPU has no 1-D vector layout to broadcast from)."""
+    allowed = None
+    if partial:
+        if iota_2d:
+            q_idx = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_kv), 0)
+            kv_idx = kv_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_kv), 1)
+        else:
+            q_idx = q_start + jnp.arange(block_q, dtype=jnp.int32)[:, None]
+            kv_idx = kv_start + jnp.arange(block_kv, dtype=jnp.int32)[None, :]
+        allowed = mask(q_idx, kv_idx, head)
+    if q_segment_ids is not None:
+        q_seg, kv_seg = q_segment_ids.reshape(block_q, 1), kv_segment_ids.reshape(1, block_kv)
+        same = (q_seg == kv_seg) & (q_seg != 0)
+        allowed = same if allowed is None else allowed & same
+    return allowed
+
+
+def segments_meet(q_min, q_max, kv_min, kv_max):
+    """Whether a query block with segment ids in [q_min, q_max] can see a key block with ids in [kv_min, kv_max]
+    (ids >= 0; 0 is padding and sees nothing)."""
+    return (q_min <= kv_max) & (kv_min <= q_max) & (q_max > 0) & (kv_max > 0)
+
+
+def online_softmax(s, m_prev, l_prev):
+    """One step of the online softmax on base-2 scores s [bq, bk] (-inf where masked) → (p, alpha, m, l): p = 2^(s -
+    m), alpha rescales the previous sums. A row that has seen nothing keeps m = -inf and l = 0, never NaN."""
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))
+    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    alpha = jnp.exp2(m_prev - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    return p, alpha, m_next, alpha * l_prev + jnp.sum(p, axis=-1)
+
+
+def softmax_lse(m, l):
+    """Natural-log lse from the base-2 running max m and sum l; -inf on rows that saw nothing."""
+    return jnp.where(l > 0, (m + jnp.log2(jnp.where(l > 0, l, 1.0))) * LN_2, -jnp.inf)
+
+
+def backward_lse2(lse):
+    """The base-2 lse the backward subtracts: +inf on empty rows, so their probabilities 2^(s − lse) are 0."""
+    return jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2_E)
+
+
+def softplus(x):
+    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def softplus_row_factor(num_keys, row_scale, head_dim: int):
+    """f_i = log(d) · log(max(N_i, 1)) / |q_i|: scores are f_i · (q_i·k_j) · u_j."""
+    return math.log(head_dim) * jnp.log(jnp.maximum(num_keys, 1.0)) * row_scale
+
+
+def check_normalizer(normalizer) -> str | None:
+    if isinstance(normalizer, normalizers.Softplus) and normalizer.reweight:
+        return "the softplus normaliser's re-weighting (reweight=True) is not in the kernels yet"
+    return None

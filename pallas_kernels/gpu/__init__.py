@@ -1,0 +1,1 @@
+"""GPU backends: Pallas Triton (any CUDA GPU) and Pallas Mosaic GPU (Hopper)."""

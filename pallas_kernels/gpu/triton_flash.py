@@ -1,0 +1,403 @@
+"""The Pallas Triton backend: block-sparse flash attention forward, dQ and dK/dV kernels for any CUDA GPU.
+
+Forward and dQ: one program per (query block, batch, query head), looping over the key blocks its layout row lists —
+full blocks first (no mask), then partial ones (mask evaluated in-kernel). dK/dV: one program per (key block, batch,
+kv head), looping over the query heads of its group and, for each, the query blocks of its layout column, so K/V are
+never repeated for grouped-query attention. With segment ids every visited block is masked by segment and skipped
+before any load when its query and key segment ranges cannot meet.
+
+The layout follows jax.experimental.pallas.ops.gpu.attention (FlashAttention-2 in Pallas Triton); the block lists
+are ours.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.flash import block_math
+from pallas_kernels.flash import normalizers
+from pallas_kernels.flash.attention import BlockSizes, Problem
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def default_block_sizes(problem: Problem) -> BlockSizes:
+    big = 64 if problem.head_dim > 128 or problem.dtype == "float32" else 128
+    return BlockSizes(block_q=big, block_kv=64, block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64)
+
+
+def unsupported_reason(problem: Problem) -> str | None:
+    if problem.head_dim not in HEAD_DIMS:
+        return f"the triton kernels take head dims {HEAD_DIMS}, got {problem.head_dim}"
+    for name, value in vars(problem.block_sizes).items():
+        if value < 16 or value & (value - 1):
+            return f"block sizes must be powers of two >= 16, got {name}={value}"
+    return block_math.check_normalizer(problem.normalizer)
+
+
+def _segment_bounds(segment_ids, block: int):
+    """int32 [B, L] → per-block (min, max) [B, L // block]."""
+    blocks = segment_ids.reshape(segment_ids.shape[0], -1, block)
+    return jnp.min(blocks, axis=-1), jnp.max(blocks, axis=-1)
+
+
+def _whole(array):
+    """A BlockSpec that hands the kernel the whole array (read by scalar index)."""
+    return pl.BlockSpec(array.shape, lambda *_: (0,) * array.ndim)
+
+
+def _batch_row(array):
+    """A BlockSpec that hands the kernel row b of a [B, N] array on a grid (block, b, head)."""
+    return pl.BlockSpec((None, array.shape[1]), lambda i, b, h: (b, 0))
+
+
+def _compiler_params(problem: Problem, block_a: int, block_b: int):
+    num_warps = 4 if block_a * block_b <= 64 * 64 else 8
+    return plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
+
+
+def _dot(problem: Problem, a, b, *, trans_a=False, trans_b=False):
+    precision = jax.lax.Precision.HIGHEST if problem.dtype == "float32" else None
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+def _named_call(kernel, names):
+    def call(*refs):
+        kernel(dict(zip(names, refs)))
+    return call
+
+
+def _layout_inputs(layout, prefix: str):
+    return {f"{prefix}_{part}": jnp.asarray(getattr(layout, f"{prefix}_{part}"))
+            for part in ("full", "full_count", "partial", "partial_count")}
+
+
+def _visit_lists(refs, prefix: str, mask_head, index, body, carry):
+    """Runs body(block, partial, carry) over the full then the partial blocks listed for (mask_head, index)."""
+    for kind, partial in (("full", False), ("partial", True)):
+        blocks, count = refs[f"{prefix}_{kind}"], refs[f"{prefix}_{kind}_count"][mask_head, index]
+        carry = jax.lax.fori_loop(
+            0, count, lambda n, c, blocks=blocks, partial=partial: body(blocks[mask_head, index, n], partial, c),
+            carry)
+    return carry
+
+
+def _maybe_skip(refs, problem: Problem, q_bounds, kv_block, compute, carry):
+    """compute(carry) unless segment ids say the query block cannot see key block kv_block."""
+    if not problem.has_segments:
+        return compute(carry)
+    meet = block_math.segments_meet(q_bounds[0], q_bounds[1], refs["kv_seg_min"][kv_block],
+                                    refs["kv_seg_max"][kv_block])
+    return jax.lax.cond(meet, compute, lambda c: c, carry)
+
+
+def _softplus_num_keys(refs, problem: Problem, block_q, block_kv, mask_head, index, head, q_start, q_seg, q_bounds):
+    """N_i of each query row in the block: from the layout without segment ids, else counted block by block."""
+    if not problem.has_segments:
+        return refs["row_allowed"][...].astype(jnp.float32)
+
+    def count(kv_block, partial, total):
+        def compute(total):
+            kv_seg = refs["kv_seg"][pl.ds(kv_block * block_kv, block_kv)]
+            allowed = block_math.block_allowed(problem.mask, q_start, kv_block * block_kv, block_q, block_kv, head,
+                                               partial=partial, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+            return total + jnp.sum(allowed.astype(jnp.float32), axis=-1)
+        return _maybe_skip(refs, problem, q_bounds, kv_block, compute, total)
+
+    return _visit_lists(refs, "row", mask_head, index, count, jnp.zeros((block_q,), jnp.float32))
+
+
+def _forward_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
+    index, head = pl.program_id(0), pl.program_id(2)
+    mask_head = head if problem.forward_layout.num_mask_heads > 1 else 0
+    q = refs["q"][...]
+    q_start = problem.q_offset + index * block_q
+    q_seg = refs["q_seg"][...] if problem.has_segments else None
+    q_bounds = (jnp.min(q_seg), jnp.max(q_seg)) if problem.has_segments else None
+    softplus = isinstance(problem.normalizer, normalizers.Softplus)
+    if softplus:
+        num_keys = _softplus_num_keys(refs, problem, block_q, block_kv, mask_head, index, head, q_start, q_seg,
+                                      q_bounds)
+        row_factor = block_math.softplus_row_factor(num_keys, refs["row_scale"][...], problem.head_dim)
+
+    def step(kv_block, partial, carry):
+        def compute(carry):
+            span = pl.ds(kv_block * block_kv, block_kv)
+            k, v = refs["k"][span, :], refs["v"][span, :]
+            kv_seg = refs["kv_seg"][span] if problem.has_segments else None
+            allowed = block_math.block_allowed(problem.mask, q_start, kv_block * block_kv, block_q, block_kv, head,
+                                               partial=partial, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+            qk = _dot(problem, q, k, trans_b=True)
+            if softplus:
+                acc, row_sum = carry
+                scores = row_factor[:, None] * qk * refs["col_scale"][span][None, :]
+                weights = block_math.softplus(scores)
+                if allowed is not None:
+                    weights = jnp.where(allowed, weights, 0.0)
+                return acc + _dot(problem, weights.astype(v.dtype), v), row_sum + jnp.sum(weights, axis=-1)
+            acc, m, l = carry
+            scores = qk * (problem.scale * block_math.LOG2_E)
+            if allowed is not None:
+                scores = jnp.where(allowed, scores, -jnp.inf)
+            p, alpha, m, l = block_math.online_softmax(scores, m, l)
+            return alpha[:, None] * acc + _dot(problem, p.astype(v.dtype), v), m, l
+        return _maybe_skip(refs, problem, q_bounds, kv_block, compute, carry)
+
+    acc = jnp.zeros((block_q, problem.head_dim), jnp.float32)
+    if softplus:
+        acc, row_sum = _visit_lists(refs, "row", mask_head, index, step, (acc, jnp.zeros((block_q,), jnp.float32)))
+        refs["num_keys"][...] = num_keys
+        refs["row_sum"][...] = row_sum
+    else:
+        acc, m, row_sum = _visit_lists(refs, "row", mask_head, index, step,
+                                       (acc, jnp.full((block_q,), -jnp.inf, jnp.float32),
+                                        jnp.zeros((block_q,), jnp.float32)))
+        refs["lse"][...] = block_math.softmax_lse(m, row_sum)
+    out = acc / jnp.where(row_sum > 0, row_sum, 1.0)[:, None]
+    refs["out"][...] = out.astype(refs["out"].dtype)
+
+
+def _row_major_specs(problem: Problem, block_q: int, layout):
+    """BlockSpecs of the per-(query block, batch, head) inputs on grid (num_q_blocks, B, Hq)."""
+    S, D, G = problem.kv_len, problem.head_dim, problem.group
+    per_head = layout.num_mask_heads > 1
+    specs = {
+        "q": pl.BlockSpec((None, block_q, None, D), lambda i, b, h: (b, i, h, 0)),
+        "k": pl.BlockSpec((None, S, None, D), lambda i, b, h: (b, 0, h // G, 0)),
+        "v": pl.BlockSpec((None, S, None, D), lambda i, b, h: (b, 0, h // G, 0)),
+        "row_scale": pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)),
+        "col_scale": pl.BlockSpec((None, None, S), lambda i, b, h: (b, h // G, 0)),
+        "q_seg": pl.BlockSpec((None, block_q), lambda i, b, h: (b, i)),
+        "kv_seg": pl.BlockSpec((None, S), lambda i, b, h: (b, 0)),
+        "row_allowed": pl.BlockSpec((None, block_q), (lambda i, b, h: (h, i)) if per_head else
+                                    (lambda i, b, h: (0, i))),
+        "stat": pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)),
+    }
+    return specs
+
+
+def _pallas(kernel, problem, name, grid, inputs, specs, outputs, out_specs, block_a, block_b):
+    names = list(inputs) + list(outputs)
+    return pl.pallas_call(
+        _named_call(kernel, names), grid=grid, in_specs=[specs[n] for n in inputs],
+        out_specs=[out_specs[n] for n in outputs], out_shape=list(outputs.values()),
+        compiler_params=_compiler_params(problem, block_a, block_b), interpret=problem.interpret, name=name,
+    )(*inputs.values())
+
+
+def _common_inputs(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids, kv_block: int):
+    inputs = {"q": q, "k": k, "v": v}
+    if row_scale is not None:
+        inputs.update(row_scale=row_scale, col_scale=col_scale)
+    if problem.has_segments:
+        kv_min, kv_max = _segment_bounds(kv_segment_ids, kv_block)
+        inputs.update(q_seg=q_segment_ids, kv_seg=kv_segment_ids, kv_seg_min=kv_min, kv_seg_max=kv_max)
+    return inputs
+
+
+def forward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids):
+    B, T, Hq, D = q.shape
+    block_q, block_kv = problem.block_sizes.block_q, problem.block_sizes.block_kv
+    layout = problem.forward_layout
+    inputs = _common_inputs(problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids, block_kv)
+    softplus = isinstance(problem.normalizer, normalizers.Softplus)
+    if softplus and not problem.has_segments:
+        inputs["row_allowed"] = jnp.asarray(layout.row_allowed)
+    inputs.update(_layout_inputs(layout, "row"))
+    specs = _row_major_specs(problem, block_q, layout)
+    specs.update({n: _batch_row(inputs[n]) for n in ("kv_seg_min", "kv_seg_max") if n in inputs})
+    for name, array in inputs.items():
+        specs.setdefault(name, _whole(array))
+    stat = jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)
+    stat_names = ("num_keys", "row_sum") if softplus else ("lse",)
+    outputs = {"out": jax.ShapeDtypeStruct(q.shape, q.dtype), **{n: stat for n in stat_names}}
+    out_specs = {"out": specs["q"], **{n: specs["stat"] for n in stat_names}}
+    kernel = functools.partial(_forward_kernel, problem=problem, block_q=block_q, block_kv=block_kv)
+    out, *stats = _pallas(kernel, problem, "flash_forward", (T // block_q, B, Hq), inputs, specs, outputs, out_specs,
+                          block_q, block_kv)
+    return out, tuple(stats)
+
+
+def _probabilities(problem: Problem, qk, allowed, row, col_scale):
+    """Per block, from q·kᵀ [bq, bk]: (weights w, dweights → dscores). `row` holds the per-row statistics."""
+    if isinstance(problem.normalizer, normalizers.Softplus):
+        scores = row["factor"][:, None] * qk * col_scale[None, :]
+        weights = block_math.softplus(scores) / row["row_sum_safe"][:, None]
+        if allowed is not None:
+            weights = jnp.where(allowed, weights, 0.0)
+
+        def scores_grad(dweights):
+            ds = (dweights - row["delta"][:, None]) / row["row_sum_safe"][:, None] * block_math.sigmoid(scores)
+            if allowed is not None:
+                ds = jnp.where(allowed, ds, 0.0)
+            return ds * row["factor"][:, None] * col_scale[None, :], ds * scores
+        return weights, scores_grad
+    scores = qk * (problem.scale * block_math.LOG2_E)
+    if allowed is not None:
+        scores = jnp.where(allowed, scores, -jnp.inf)
+    p = jnp.exp2(scores - row["lse2"][:, None])
+
+    def scores_grad(dp):
+        return p * (dp - row["delta"][:, None]) * problem.scale, None
+    return p, scores_grad
+
+
+def _row_statistics(problem: Problem, num_keys, row_sum, lse, delta, row_scale):
+    if isinstance(problem.normalizer, normalizers.Softplus):
+        return {"factor": block_math.softplus_row_factor(num_keys, row_scale, problem.head_dim),
+                "row_sum_safe": jnp.where(row_sum > 0, row_sum, 1.0), "delta": delta}
+    return {"lse2": block_math.backward_lse2(lse), "delta": delta}
+
+
+def _dq_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
+    index, head = pl.program_id(0), pl.program_id(2)
+    layout = problem.dq_layout
+    mask_head = head if layout.num_mask_heads > 1 else 0
+    softplus = isinstance(problem.normalizer, normalizers.Softplus)
+    q, dout = refs["q"][...], refs["dout"][...]
+    q_start = problem.q_offset + index * block_q
+    q_seg = refs["q_seg"][...] if problem.has_segments else None
+    q_bounds = (jnp.min(q_seg), jnp.max(q_seg)) if problem.has_segments else None
+    row = _row_statistics(problem, refs["num_keys"][...] if softplus else None,
+                          refs["row_sum"][...] if softplus else None, None if softplus else refs["lse"][...],
+                          refs["delta"][...], refs["row_scale"][...] if softplus else None)
+
+    def step(kv_block, partial, carry):
+        def compute(carry):
+            dq, drow = carry
+            span = pl.ds(kv_block * block_kv, block_kv)
+            k, v = refs["k"][span, :], refs["v"][span, :]
+            kv_seg = refs["kv_seg"][span] if problem.has_segments else None
+            allowed = block_math.block_allowed(problem.mask, q_start, kv_block * block_kv, block_q, block_kv, head,
+                                               partial=partial, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+            qk = _dot(problem, q, k, trans_b=True)
+            _, scores_grad = _probabilities(problem, qk, allowed, row,
+                                            refs["col_scale"][span] if softplus else None)
+            dqk, ds_times_s = scores_grad(_dot(problem, dout, v, trans_b=True))
+            dq = dq + _dot(problem, dqk.astype(k.dtype), k)
+            if softplus:
+                drow = drow + jnp.sum(ds_times_s, axis=-1)
+            return dq, drow
+        return _maybe_skip(refs, problem, q_bounds, kv_block, compute, carry)
+
+    dq, drow = _visit_lists(refs, "row", mask_head, index, step,
+                            (jnp.zeros((block_q, problem.head_dim), jnp.float32), jnp.zeros((block_q,), jnp.float32)))
+    refs["dq"][...] = dq.astype(refs["dq"].dtype)
+    if softplus:
+        refs["drow"][...] = drow / refs["row_scale"][...]
+
+
+def _dkdv_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
+    index, kv_head = pl.program_id(0), pl.program_id(2)
+    layout = problem.dkdv_layout
+    softplus = isinstance(problem.normalizer, normalizers.Softplus)
+    k, v = refs["k"][...], refs["v"][...]
+    kv_start = index * block_kv
+    col_scale = refs["col_scale"][...] if softplus else None
+    kv_seg = refs["kv_seg"][...] if problem.has_segments else None
+    kv_bounds = (jnp.min(kv_seg), jnp.max(kv_seg)) if problem.has_segments else None
+
+    def head_step(g, carry):
+        head = kv_head * problem.group + g
+        mask_head = head if layout.num_mask_heads > 1 else 0
+
+        def step(q_block, partial, carry):
+            def compute(carry):
+                dk, dv, dcol = carry
+                q_span = pl.ds(q_block * block_q, block_q)
+                q, dout = refs["q"][q_span, g, :], refs["dout"][q_span, g, :]
+                q_seg = refs["q_seg"][q_span] if problem.has_segments else None
+                allowed = block_math.block_allowed(problem.mask, problem.q_offset + q_block * block_q, kv_start,
+                                                   block_q, block_kv, head, partial=partial, q_segment_ids=q_seg,
+                                                   kv_segment_ids=kv_seg)
+                stat = {name: refs[name][g, q_span] for name in ("num_keys", "row_sum", "lse", "delta", "row_scale")
+                        if name in refs}
+                row = _row_statistics(problem, stat.get("num_keys"), stat.get("row_sum"), stat.get("lse"),
+                                      stat["delta"], stat.get("row_scale"))
+                qk = _dot(problem, q, k, trans_b=True)
+                weights, scores_grad = _probabilities(problem, qk, allowed, row, col_scale)
+                dv = dv + _dot(problem, weights.astype(dout.dtype), dout, trans_a=True)
+                dqk, ds_times_s = scores_grad(_dot(problem, dout, v, trans_b=True))
+                dk = dk + _dot(problem, dqk.astype(q.dtype), q, trans_a=True)
+                if softplus:
+                    dcol = dcol + jnp.sum(ds_times_s, axis=0)
+                return dk, dv, dcol
+
+            if not problem.has_segments:
+                return compute(carry)
+            meet = block_math.segments_meet(refs["q_seg_min"][q_block], refs["q_seg_max"][q_block], *kv_bounds)
+            return jax.lax.cond(meet, compute, lambda c: c, carry)
+
+        return _visit_lists(refs, "col", mask_head, index, step, carry)
+
+    zeros = jnp.zeros((block_kv, problem.head_dim), jnp.float32)
+    dk, dv, dcol = jax.lax.fori_loop(0, problem.group, head_step, (zeros, zeros, jnp.zeros((block_kv,), jnp.float32)))
+    refs["dk"][...] = dk.astype(refs["dk"].dtype)
+    refs["dv"][...] = dv.astype(refs["dv"].dtype)
+    if softplus:
+        refs["dcol"][...] = dcol / col_scale
+
+
+def backward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids, stats, delta, dout):
+    B, T, Hq, D = q.shape
+    S, Hkv, G = k.shape[1], k.shape[2], problem.group
+    softplus = isinstance(problem.normalizer, normalizers.Softplus)
+    stat_names = ("num_keys", "row_sum") if softplus else ("lse",)
+    sizes = problem.block_sizes
+
+    # dQ: row-major over query blocks.
+    block_q, block_kv = sizes.block_q_dq, sizes.block_kv_dq
+    inputs = _common_inputs(problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids, block_kv)
+    inputs.update(dout=dout, delta=delta, **dict(zip(stat_names, stats)))
+    inputs.update(_layout_inputs(problem.dq_layout, "row"))
+    specs = _row_major_specs(problem, block_q, problem.dq_layout)
+    specs.update(dout=specs["q"], delta=specs["stat"], **{n: specs["stat"] for n in stat_names})
+    specs.update({n: _batch_row(inputs[n]) for n in ("kv_seg_min", "kv_seg_max") if n in inputs})
+    for name, array in inputs.items():
+        specs.setdefault(name, _whole(array))
+    outputs = {"dq": jax.ShapeDtypeStruct(q.shape, jnp.float32)}
+    out_specs = {"dq": specs["q"], "drow": specs["stat"]}
+    if softplus:
+        outputs["drow"] = jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)
+    kernel = functools.partial(_dq_kernel, problem=problem, block_q=block_q, block_kv=block_kv)
+    dq, *drow = _pallas(kernel, problem, "flash_backward_dq", (T // block_q, B, Hq), inputs, specs, outputs,
+                        out_specs, block_q, block_kv)
+
+    # dK, dV: column-major over key blocks, one program per kv head looping over its group of query heads.
+    block_q, block_kv = sizes.block_q_dkv, sizes.block_kv_dkv
+    inputs = {"q": q, "k": k, "v": v, "dout": dout, "delta": delta, **dict(zip(stat_names, stats))}
+    specs = {
+        "q": pl.BlockSpec((None, T, G, D), lambda j, b, h: (b, 0, h, 0)),
+        "k": pl.BlockSpec((None, block_kv, None, D), lambda j, b, h: (b, j, h, 0)),
+        "v": pl.BlockSpec((None, block_kv, None, D), lambda j, b, h: (b, j, h, 0)),
+        "stat": pl.BlockSpec((None, G, T), lambda j, b, h: (b, h, 0)),
+    }
+    specs["dout"] = specs["q"]
+    if softplus:
+        inputs.update(row_scale=row_scale, col_scale=col_scale)
+        specs["row_scale"] = specs["stat"]
+        specs["col_scale"] = pl.BlockSpec((None, None, block_kv), lambda j, b, h: (b, h, j))
+    for name in ("delta", *stat_names):
+        specs[name] = specs["stat"]
+    if problem.has_segments:
+        q_min, q_max = _segment_bounds(q_segment_ids, block_q)
+        inputs.update(q_seg=q_segment_ids, kv_seg=kv_segment_ids, q_seg_min=q_min, q_seg_max=q_max)
+        specs["q_seg"] = pl.BlockSpec((None, T), lambda j, b, h: (b, 0))
+        specs["kv_seg"] = pl.BlockSpec((None, block_kv), lambda j, b, h: (b, j))
+        specs.update(q_seg_min=_batch_row(q_min), q_seg_max=_batch_row(q_max))
+    inputs.update(_layout_inputs(problem.dkdv_layout, "col"))
+    for name, array in inputs.items():
+        specs.setdefault(name, _whole(array))
+    outputs = {"dk": jax.ShapeDtypeStruct(k.shape, k.dtype), "dv": jax.ShapeDtypeStruct(v.shape, v.dtype)}
+    out_specs = {"dk": specs["k"], "dv": specs["v"], "dcol": pl.BlockSpec((None, None, block_kv),
+                                                                          lambda j, b, h: (b, h, j))}
+    if softplus:
+        outputs["dcol"] = jax.ShapeDtypeStruct((B, Hkv, S), jnp.float32)
+    kernel = functools.partial(_dkdv_kernel, problem=problem, block_q=block_q, block_kv=block_kv)
+    dk, dv, *dcol = _pallas(kernel, problem, "flash_backward_dkdv", (S // block_kv, B, Hkv), inputs, specs, outputs,
+                            out_specs, block_q, block_kv)
+    return (dq.astype(q.dtype), dk, dv, drow[0] if softplus else None, dcol[0] if softplus else None)
+

@@ -1,0 +1,1 @@
+"""TPU backend: Pallas Mosaic TPU."""
