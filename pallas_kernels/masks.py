@@ -4,7 +4,7 @@ A mask is a frozen, hashable dataclass over the absolute query position i, key p
 `mask(q_idx, kv_idx, head)` evaluates it elementwise on broadcastable integer arrays — numpy at trace time, and jnp
 values inside a kernel on partial blocks — and returns True where query i may attend to key j.
 
-`mask.classify(q_lo, q_hi, kv_lo, kv_hi, head)` looks at whole blocks (inclusive position ranges, broadcastable
+`mask.classify(q_lo, q_hi, kv_lo, kv_hi, head)` looks at whole blocks (inclusive position ranges as broadcastable
 arrays) and returns two bool arrays: `never` (no pair in the block is allowed) and `always` (every pair is allowed).
 It may be conservative (both False: "partial"); `layout.BlockLayout` refines partial blocks by evaluating them, so a
 block the kernels skip is exactly a block with nothing allowed. Masks compose with `|` and `&`.
@@ -234,13 +234,14 @@ class BlockMask(Mask):
         return inside & table[head, np.minimum(q_block, table.shape[1] - 1), np.minimum(kv_block, table.shape[2] - 1)]
 
     def __call__(self, q_idx, kv_idx, head=0):
-        if not isinstance(q_idx, np.ndarray | numbers.Integral) or not isinstance(kv_idx, np.ndarray | numbers.Integral):
+        if not all(isinstance(x, np.ndarray | numbers.Integral) for x in (q_idx, kv_idx)):
             raise TypeError("BlockMask is read at trace time only (by classify); it cannot be evaluated in a kernel")
         return self._lookup(np.asarray(q_idx) // self.block_q, np.asarray(kv_idx) // self.block_kv, head)
 
     def classify(self, q_lo, q_hi, kv_lo, kv_hi, head=0):
         q_lo, q_hi, kv_lo, kv_hi = np.broadcast_arrays(q_lo, q_hi, kv_lo, kv_hi)
-        one_block = (q_lo // self.block_q == q_hi // self.block_q) & (kv_lo // self.block_kv == kv_hi // self.block_kv)
+        one_block = ((q_lo // self.block_q == q_hi // self.block_q)
+                     & (kv_lo // self.block_kv == kv_hi // self.block_kv))
         allowed = self._lookup(q_lo // self.block_q, kv_lo // self.block_kv, head)
         return one_block & ~allowed, one_block & allowed
 

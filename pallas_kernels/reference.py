@@ -3,7 +3,8 @@
 For query row t (absolute position i = q_offset + t), key s and query head h (kv head h // G, G = Hq // Hkv):
 
     allowed[h, t, s] = mask(i, s, h) and q_segment_ids[t] == kv_segment_ids[s] != 0   (segments if given)
-    softmax:   out[t, h] = Σ_s softmax_s(scale · q·k where allowed) v[s],  lse[t, h] = log Σ_{s allowed} exp(scale · q·k)
+    softmax:   out[t, h] = Σ_s softmax_s(scale · q·k where allowed) v[s]
+               lse[t, h] = log Σ_{s allowed} exp(scale · q·k)
     softplus:  the weights of `normalizers.Softplus` (its own scores, no lse)
 
 A row with nothing allowed gives out = 0 and lse = -inf. Differentiable with jax.grad: the gradients of the kernels

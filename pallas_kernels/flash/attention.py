@@ -17,6 +17,7 @@ can differentiate through `merge`), dQ accumulated per query block and dK/dV per
 
 import dataclasses
 import functools
+import importlib
 from typing import Protocol
 
 import jax
@@ -107,12 +108,19 @@ class Backend(Protocol):
                  delta, dout): ...
 
 
-def _backends() -> dict[str, Backend]:
-    from pallas_kernels.gpu import triton_flash  # noqa: PLC0415 (imported on first use: backends import pallas)
-    return {"triton": triton_flash}
+BACKEND_MODULES = {
+    "triton": "pallas_kernels.gpu.triton_flash",
+    "mosaic_gpu": "pallas_kernels.gpu.hopper_flash",
+    "tpu": "pallas_kernels.tpu.flash",
+}
+BACKEND_NAMES = tuple(BACKEND_MODULES)
 
 
-BACKEND_NAMES = ("triton", "mosaic_gpu", "tpu")
+def backend_module(name: str) -> Backend:
+    """The backend module called `name` (imported on first use, so importing pallas_kernels stays light)."""
+    if name not in BACKEND_MODULES:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKEND_NAMES)}, got {name!r}")
+    return importlib.import_module(BACKEND_MODULES[name])
 
 
 def _auto_backend(interpret: bool) -> str:
@@ -176,11 +184,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib
                          "nor return_lse")
     if backend == "auto":
         backend = _auto_backend(interpret)
-    backends = _backends()
-    if backend not in backends:
-        available = ", ".join(name for name in BACKEND_NAMES if name in backends)
-        raise ValueError(f"backend must be 'auto' or one of {available}, got {backend!r}")
-    implementation = backends[backend]
+    implementation = backend_module(backend)
     (B, T, Hq, D), (S, Hkv) = q.shape, k.shape[1:3]
     problem = Problem(
         batch=B, q_len=T, kv_len=S, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, dtype=jnp.dtype(q.dtype).name,

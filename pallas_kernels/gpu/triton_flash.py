@@ -75,9 +75,13 @@ def _layout_inputs(layout, prefix: str):
             for part in ("full", "full_count", "partial", "partial_count")}
 
 
-def _visit_lists(refs, prefix: str, mask_head, index, body, carry):
-    """Runs body(block, partial, carry) over the full then the partial blocks listed for (mask_head, index)."""
+def _visit_lists(refs, layout, prefix: str, mask_head, index, body, carry):
+    """Runs body(block, partial, carry) over the full then the partial blocks listed for (mask_head, index); a kind
+    the layout never uses is left out of the kernel altogether."""
     for kind, partial in (("full", False), ("partial", True)):
+        counts = getattr(layout, f"{prefix}_{kind}_count")
+        if not counts.any():
+            continue
         blocks, count = refs[f"{prefix}_{kind}"], refs[f"{prefix}_{kind}_count"][mask_head, index]
         carry = jax.lax.fori_loop(
             0, count, lambda n, c, blocks=blocks, partial=partial: body(blocks[mask_head, index, n], partial, c),
@@ -107,7 +111,8 @@ def _softplus_num_keys(refs, problem: Problem, block_q, block_kv, mask_head, ind
             return total + jnp.sum(allowed.astype(jnp.float32), axis=-1)
         return _maybe_skip(refs, problem, q_bounds, kv_block, compute, total)
 
-    return _visit_lists(refs, "row", mask_head, index, count, jnp.zeros((block_q,), jnp.float32))
+    return _visit_lists(refs, problem.forward_layout, "row", mask_head, index, count,
+                        jnp.zeros((block_q,), jnp.float32))
 
 
 def _forward_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
@@ -148,11 +153,12 @@ def _forward_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
 
     acc = jnp.zeros((block_q, problem.head_dim), jnp.float32)
     if softplus:
-        acc, row_sum = _visit_lists(refs, "row", mask_head, index, step, (acc, jnp.zeros((block_q,), jnp.float32)))
+        acc, row_sum = _visit_lists(refs, problem.forward_layout, "row", mask_head, index, step,
+                                    (acc, jnp.zeros((block_q,), jnp.float32)))
         refs["num_keys"][...] = num_keys
         refs["row_sum"][...] = row_sum
     else:
-        acc, m, row_sum = _visit_lists(refs, "row", mask_head, index, step,
+        acc, m, row_sum = _visit_lists(refs, problem.forward_layout, "row", mask_head, index, step,
                                        (acc, jnp.full((block_q,), -jnp.inf, jnp.float32),
                                         jnp.zeros((block_q,), jnp.float32)))
         refs["lse"][...] = block_math.softmax_lse(m, row_sum)
@@ -283,7 +289,7 @@ def _dq_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
             return dq, drow
         return _maybe_skip(refs, problem, q_bounds, kv_block, compute, carry)
 
-    dq, drow = _visit_lists(refs, "row", mask_head, index, step,
+    dq, drow = _visit_lists(refs, layout, "row", mask_head, index, step,
                             (jnp.zeros((block_q, problem.head_dim), jnp.float32), jnp.zeros((block_q,), jnp.float32)))
     refs["dq"][...] = dq.astype(refs["dq"].dtype)
     if softplus:
@@ -331,7 +337,7 @@ def _dkdv_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
             meet = block_math.segments_meet(refs["q_seg_min"][q_block], refs["q_seg_max"][q_block], *kv_bounds)
             return jax.lax.cond(meet, compute, lambda c: c, carry)
 
-        return _visit_lists(refs, "col", mask_head, index, step, carry)
+        return _visit_lists(refs, layout, "col", mask_head, index, step, carry)
 
     zeros = jnp.zeros((block_kv, problem.head_dim), jnp.float32)
     dk, dv, dcol = jax.lax.fori_loop(0, problem.group, head_step, (zeros, zeros, jnp.zeros((block_kv,), jnp.float32)))
