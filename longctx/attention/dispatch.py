@@ -1,6 +1,6 @@
 """`attention(q, k, v, ...)`: one entry point, several implementations, no silent fallbacks.
 
-Implementations live in `IMPLEMENTATIONS` (name → function + the check that says what it cannot do); `AUTO_ORDER`
+Implementations live in `IMPLEMENTATIONS` (name → function + the check that says what it cannot do); `auto_order`
 says which ones `impl="auto"` tries, best first. Adding a kernel is one entry in each.
 
 - "reference": the pure-jnp oracle of `reference.py`; every mask, segment ids, q_offset, lse, ALiBi, both normalizers.
@@ -16,17 +16,23 @@ says which ones `impl="auto"` tries, best first. Adding a kernel is one entry in
   top-left, which is our q_offset = 0 for any T, S (all checked against the reference on an H100 with jax 0.11.2;
   tests/attention runs that check on a CUDA GPU).
   `cudnn_unsupported_reason` lists what it refuses; the call raises NotImplementedError for those before any work.
-- "auto": cudnn when `cudnn_unsupported_reason` finds nothing, else xla; logs its choice once per choice and reason.
+- "pallas": `pallas_kernels.flash_attention`, the block-sparse flash kernels (Mosaic GPU on Hopper, Triton on other
+  CUDA GPUs, Mosaic TPU); see `pallas.py` for what it refuses. "pallas_interpret" runs them in Pallas interpret mode
+  (slow; for tests on CPU).
+- "auto": on dense masks (Full, Causal) cudnn, then pallas, then xla; on every other mask pallas first (cuDNN
+  computes a sliding window densely; the pallas kernels skip its empty blocks), then cudnn, then xla. It takes the
+  first that can serve the request and logs its choice once per choice and reason.
 """
 
 from collections.abc import Callable
 import dataclasses
+import functools
 import logging
 
 import jax
 import jax.numpy as jnp
 
-from longctx.attention import masks, normalizers
+from longctx.attention import masks, normalizers, pallas
 from longctx.attention.reference import alibi_bias, attention_mask, check_arguments, logsumexp, reference_attention
 
 logger = logging.getLogger("longctx.attention")
@@ -137,8 +143,12 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
     "reference": Implementation(reference_attention),
     "xla": Implementation(_xla),
     "cudnn": Implementation(_cudnn, cudnn_unsupported_reason),
+    "pallas": Implementation(pallas.attention, pallas.unsupported_reason),
+    "pallas_interpret": Implementation(functools.partial(pallas.attention, interpret=True),
+                                       functools.partial(pallas.unsupported_reason, interpret=True)),
 }
-AUTO_ORDER = ("cudnn", "xla")
+DENSE_AUTO_ORDER = ("cudnn", "pallas", "xla")
+SPARSE_AUTO_ORDER = ("pallas", "cudnn", "xla")
 _LOGGED_CHOICES: set[tuple[str, str]] = set()
 
 
@@ -147,11 +157,16 @@ def impl_names() -> list[str]:
     return ["auto", *sorted(IMPLEMENTATIONS)]
 
 
+def auto_order(request: Request) -> tuple[str, ...]:
+    """The implementations impl="auto" tries for `request`, best first."""
+    return DENSE_AUTO_ORDER if isinstance(request.mask, (masks.Full, masks.Causal)) else SPARSE_AUTO_ORDER
+
+
 def choose_impl(request: Request) -> str:
-    """The implementation impl="auto" runs for `request`: the first in AUTO_ORDER that supports it; logs the choice
+    """The implementation impl="auto" runs for `request`: the first in `auto_order` that supports it; logs the choice
     (with why the better ones were passed over) once per distinct choice and reasons."""
     reasons = []
-    for name in AUTO_ORDER:
+    for name in auto_order(request):
         reason = IMPLEMENTATIONS[name].unsupported_reason(request)
         if reason is None:
             message = "; ".join(reasons)

@@ -162,6 +162,36 @@ def _check(q, k, v, segment_ids, kv_segment_ids, mask, q_offset):
     return segment_ids, kv_segment_ids
 
 
+def plan(q_shape, k_shape, dtype, *, mask: masks_lib.Mask, has_segments: bool,
+         normalizer: str | normalizers.Normalizer = "softmax", scale: float | None = None, q_offset: int = 0,
+         return_lse: bool = False, backend: str = "auto", block_sizes: BlockSizes | None = None,
+         interpret: bool = False) -> tuple[Problem, Backend]:
+    """The static Problem of a call with these shapes and options and the backend that runs it, layouts built; raises
+    ValueError for bad arguments and NotImplementedError (naming the combination) for what the backend cannot do.
+    Needs no arrays, so a dispatcher can ask before committing to this implementation."""
+    normalizer = normalizers.get(normalizer)
+    if isinstance(normalizer, normalizers.Softplus) and (scale is not None or return_lse):
+        raise ValueError("normalizer='softplus' sets its own scores and has no log-sum-exp: it takes neither scale "
+                         "nor return_lse")
+    if backend == "auto":
+        backend = _auto_backend(interpret)
+    implementation = backend_module(backend)
+    (B, T, Hq, D), (S, Hkv) = q_shape, k_shape[1:3]
+    problem = Problem(
+        batch=B, q_len=T, kv_len=S, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, dtype=jnp.dtype(dtype).name,
+        mask=mask, q_offset=int(q_offset), scale=float(D ** -0.5 if scale is None else scale), normalizer=normalizer,
+        has_segments=has_segments, return_lse=return_lse, block_sizes=BlockSizes(), interpret=interpret)
+    requested = block_sizes or BlockSizes()
+    problem = dataclasses.replace(problem, block_sizes=requested.resolved(
+        implementation.default_block_sizes(problem), T, S))
+    reason = implementation.unsupported_reason(problem)
+    if reason is not None:
+        raise NotImplementedError(f"flash_attention backend={backend!r} cannot run this call: {reason}")
+    for name in ("forward_layout", "dq_layout", "dkdv_layout"):
+        getattr(problem, name)  # builds (and caches) the layouts now, so a bad block size fails before any work
+    return problem, implementation
+
+
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib.Mask = masks_lib.Causal(),
                     segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
                     normalizer: str | normalizers.Normalizer = "softmax", scale: float | None = None,
@@ -177,28 +207,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib
     (softmax only) lse [B, T, Hq] float32, -inf on such rows. Differentiable in q, k, v (and through lse).
     """
     segment_ids, kv_segment_ids = _check(q, k, v, segment_ids, kv_segment_ids, mask, q_offset)
-    normalizer = normalizers.get(normalizer)
-    is_softplus = isinstance(normalizer, normalizers.Softplus)
-    if is_softplus and (scale is not None or return_lse):
-        raise ValueError("normalizer='softplus' sets its own scores and has no log-sum-exp: it takes neither scale "
-                         "nor return_lse")
-    if backend == "auto":
-        backend = _auto_backend(interpret)
-    implementation = backend_module(backend)
-    (B, T, Hq, D), (S, Hkv) = q.shape, k.shape[1:3]
-    problem = Problem(
-        batch=B, q_len=T, kv_len=S, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D, dtype=jnp.dtype(q.dtype).name,
-        mask=mask, q_offset=int(q_offset), scale=float(D ** -0.5 if scale is None else scale), normalizer=normalizer,
-        has_segments=segment_ids is not None, return_lse=return_lse, block_sizes=BlockSizes(), interpret=interpret)
-    requested = block_sizes or BlockSizes()
-    problem = dataclasses.replace(problem, block_sizes=requested.resolved(
-        implementation.default_block_sizes(problem), T, S))
-    reason = implementation.unsupported_reason(problem)
-    if reason is not None:
-        raise NotImplementedError(f"flash_attention backend={backend!r} cannot run this call: {reason}")
-    for name in ("forward_layout", "dq_layout", "dkdv_layout"):
-        getattr(problem, name)  # builds (and caches) the layouts now, so a bad block size fails before any work
-
+    problem, implementation = plan(
+        q.shape, k.shape, q.dtype, mask=mask, has_segments=segment_ids is not None, normalizer=normalizer,
+        scale=scale, q_offset=q_offset, return_lse=return_lse, backend=backend, block_sizes=block_sizes,
+        interpret=interpret)
+    is_softplus = isinstance(problem.normalizer, normalizers.Softplus)
     row_scale = col_scale = None
     if is_softplus:
         row_scale = 1.0 / jnp.maximum(jnp.linalg.norm(q.astype(jnp.float32), axis=-1), 1e-6).transpose(0, 2, 1)

@@ -160,7 +160,8 @@ def test_auto_on_cpu_chooses_xla_and_logs_once(caplog, monkeypatch):
         out = attention(q, k, v, impl="auto")
         attention(q, k, v, impl="auto")
     assert [r.getMessage() for r in caplog.records] == [
-        "attention impl=auto chose xla: cudnn needs a CUDA GPU (backend is cpu)"]
+        "attention impl=auto chose xla: cudnn needs a CUDA GPU (backend is cpu); the pallas kernels need a CUDA GPU "
+        "or a TPU (backend is cpu)"]
     np.testing.assert_array_equal(out, attention(q, k, v, impl="xla"))
 
 
@@ -170,7 +171,7 @@ def _args(**changes):
 
 
 @pytest.mark.parametrize("changes, match", [
-    ({"impl": "flash"}, r"impl must be one of auto, cudnn, reference, xla, got 'flash'"),
+    ({"impl": "flash"}, r"impl must be one of auto, cudnn, pallas, pallas_interpret, reference, xla, got 'flash'"),
     ({"normalizer": "sparsemax"}, r"normalizer must be one of 'softmax', 'softplus' or .*, got 'sparsemax'"),
     ({"normalizer": "softplus", "scale": 0.5}, r"normalizer='softplus' sets its own scores .* cannot take scale"),
     ({"normalizer": "softplus", "return_lse": True}, r"cannot take return_lse"),
@@ -214,7 +215,8 @@ def test_cudnn_matches_reference_on_gpu(mask, T):
     def loss(impl):
         return lambda q, k, v: jnp.sum(attention(q, k, v, mask=mask, impl=impl).astype(jnp.float32) ** 2)
 
-    assert dispatch.choose_impl(Request(q.shape, k.shape, q.dtype, mask, *dispatch.platform_of(q))) == "cudnn"
+    chosen = dispatch.choose_impl(Request(q.shape, k.shape, q.dtype, mask, *dispatch.platform_of(q)))
+    assert chosen == ("pallas" if isinstance(mask, masks.SlidingWindow) else "cudnn")
     pairs = [(attention(q, k, v, mask=mask, impl="cudnn"), reference_attention(q, k, v, mask=mask))]
     pairs += zip(jax.grad(loss("cudnn"), (0, 1, 2))(q, k, v), jax.grad(loss("reference"), (0, 1, 2))(q, k, v))
     for got, expected in pairs:

@@ -1,0 +1,96 @@
+"""impl="pallas" through longctx dispatch: the kernels (Triton backend in interpret mode on CPU, compiled on a GPU)
+against longctx's own reference on longctx masks, segment ids and softplus, forward, lse and gradients; and every
+refusal named before any work.
+
+Tolerances: float32, 5e-5 (atol and rtol; gradients relative to their largest magnitude).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longctx.attention import attention, dispatch, masks, normalizers
+from longctx.attention.dispatch import Request
+
+T = 128
+SEGMENTS = np.array([[1] * 50 + [2] * 78, [1] * 20 + [2] * 80 + [0] * 28], np.int32)
+IMPL = "pallas" if jax.devices()[0].platform == "gpu" else "pallas_interpret"
+
+
+def _qkv(B=2, T=T, S=T, Hq=4, Hkv=2, D=64, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(3), 3)
+    return tuple(jax.random.normal(key, shape, jnp.float32).astype(dtype) for key, shape in
+                 zip(keys, ((B, T, Hq, D), (B, S, Hkv, D), (B, S, Hkv, D))))
+
+
+def _loss(impl, return_lse, **kwargs):
+    def loss(q, k, v):
+        if not return_lse:
+            return jnp.sum(attention(q, k, v, impl=impl, **kwargs) ** 2)
+        out, lse = attention(q, k, v, impl=impl, return_lse=True, **kwargs)
+        return jnp.sum(out ** 2) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * 0.3)
+    return loss
+
+
+@pytest.mark.parametrize("case", [
+    dict(mask=masks.Causal()),
+    dict(mask=masks.SlidingWindow(20), segment_ids=SEGMENTS),
+    dict(mask=masks.SinksAndWindow(4, 20)),
+    dict(mask=masks.Distant(30) | masks.SlidingWindow(8)),
+    dict(mask=masks.Causal(), segment_ids=SEGMENTS, normalizer="softplus"),
+], ids=["causal", "window_packed", "sinks_window", "union", "softplus_packed"])
+def test_pallas_matches_reference(case):
+    q, k, v = _qkv()
+    return_lse = case.get("normalizer", "softmax") == "softmax"
+    with jax.default_matmul_precision("highest"):
+        ours = attention(q, k, v, impl=IMPL, return_lse=return_lse, **case)
+        theirs = attention(q, k, v, impl="reference", return_lse=return_lse, **case)
+        grads = jax.grad(_loss(IMPL, return_lse, **case), (0, 1, 2))(q, k, v)
+        expected = jax.grad(_loss("reference", return_lse, **case), (0, 1, 2))(q, k, v)
+    for got, want in zip(ours if return_lse else (ours,), theirs if return_lse else (theirs,)):
+        np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+        np.testing.assert_allclose(np.where(np.isinf(got), 0, got), np.where(np.isinf(want), 0, want), atol=5e-5,
+                                   rtol=5e-5)
+    for got, want in zip(grads, expected):
+        scale = max(1.0, float(jnp.max(jnp.abs(want))))
+        np.testing.assert_allclose(got / scale, want / scale, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(mask=masks.Explicit(np.tril(np.ones((T, T), bool)))), r"static mask specs, not Explicit"),
+    (dict(mask=masks.SinksAndWindow(4, 20), segment_ids=SEGMENTS),
+     r"with segment ids longctx evaluates a mask that is not relative on positions within each document"),
+    (dict(alibi_slopes=np.ones(4, np.float32)), r"add no ALiBi bias"),
+    (dict(normalizer=normalizers.Softplus(reweight=True)), r"re-weighting \(reweight=True\) is not in the kernels"),
+    (dict(q=_qkv(T=100, S=100)[0], k=_qkv(T=100, S=100)[1], v=_qkv(T=100, S=100)[2]), r"block sizes"),
+])
+def test_pallas_refuses_before_any_work(changes, match):
+    q, k, v = _qkv()
+    args = {"q": q, "k": k, "v": v, "mask": masks.Causal(), **changes}
+    with pytest.raises(NotImplementedError, match=match):
+        attention(impl=IMPL, **args)
+
+
+def test_pallas_refuses_a_traced_q_offset():
+    q, k, v = _qkv(T=64)
+    with pytest.raises(NotImplementedError, match="static q_offset"):
+        jax.jit(lambda offset: attention(q, k, v, q_offset=offset, impl=IMPL))(64)
+
+
+@pytest.mark.skipif(jax.devices()[0].platform in ("gpu", "tpu"), reason="checks the refusal off accelerators")
+def test_compiled_pallas_needs_an_accelerator():
+    q, k, v = _qkv()
+    with pytest.raises(NotImplementedError, match=r"impl='pallas'.*need a CUDA GPU or a TPU \(backend is cpu\)"):
+        attention(q, k, v, impl="pallas")
+
+
+def test_auto_prefers_pallas_for_sparse_masks_and_cudnn_for_dense_ones():
+    q, k, _ = _qkv(dtype=jnp.bfloat16)
+
+    def choice(mask):
+        return dispatch.choose_impl(Request(q.shape, k.shape, q.dtype, mask, "gpu", (9, 0)))
+
+    assert choice(masks.Causal()) == "cudnn"
+    assert choice(masks.SlidingWindow(32)) == "pallas"
+    assert choice(masks.Explicit(np.tril(np.ones((T, T), bool)))) == "xla"
