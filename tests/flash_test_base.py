@@ -2,7 +2,9 @@
 mask, segment ids, grouped-query heads, q_offset, dtypes and head dims, and proof that empty blocks are never read.
 
 A backend's test file subclasses `FlashAttentionTests` with `backend` set; `interpret = True` runs the kernels in
-Pallas interpret mode on CPU (make test), `interpret = False` on the accelerator (skipped elsewhere).
+Pallas interpret mode on CPU (make test), `interpret = False` on the accelerator (skipped elsewhere). `dtype` is the
+input dtype of the tests that take no dtype of their own (float32; a backend without float32 kernels runs them in
+bfloat16 or float16, compared at LOW_TOLERANCE).
 """
 
 import jax
@@ -71,12 +73,18 @@ class FlashAttentionTests:
     low_precision_dtypes = (jnp.bfloat16, jnp.float16)
     head_dims = (64, 128, 256)
     supports_softplus = True
+    dtype = jnp.float32  # inputs of every test but test_low_precision
+
+    @property
+    def tolerance(self) -> float:
+        return F32_TOLERANCE if jnp.dtype(self.dtype) == jnp.float32 else LOW_TOLERANCE[self.dtype]
 
     def attend(self, q, k, v, **kwargs):
         kwargs.setdefault("block_sizes", self.block_sizes)
         return flash_attention(q, k, v, backend=self.backend, interpret=self.interpret, **kwargs)
 
-    def check(self, q, k, v, tolerance=F32_TOLERANCE, grads=True, **kwargs):
+    def check(self, q, k, v, tolerance=None, grads=True, **kwargs):
+        tolerance = self.tolerance if tolerance is None else tolerance
         return_lse = kwargs.get("normalizer", "softmax") == "softmax"
         attend_kwargs = {**kwargs}
         reference_kwargs = {k_: v_ for k_, v_ in kwargs.items() if k_ != "block_sizes"}
@@ -104,20 +112,20 @@ class FlashAttentionTests:
 
     @pytest.mark.parametrize("mask_name", sorted(MASKS))
     def test_mask_forward_lse_and_gradients(self, mask_name):
-        self.check(*_inputs(), mask=MASKS[mask_name])
+        self.check(*_inputs(dtype=self.dtype), mask=MASKS[mask_name])
 
     @pytest.mark.parametrize("mask_name", ["causal", "sliding_window"])
     def test_packed_documents_and_padding(self, mask_name):
-        q, k, v = _inputs(B=2)
+        q, k, v = _inputs(B=2, dtype=self.dtype)
         self.check(q, k, v, mask=MASKS[mask_name], segment_ids=_packed_segments(2, 256))
 
     def test_queries_at_an_offset_into_longer_keys(self):
-        q, k, v = _inputs(T=128, S=256)
+        q, k, v = _inputs(T=128, S=256, dtype=self.dtype)
         self.check(q, k, v, mask=masks.Causal(), q_offset=128)
         self.check(q, k, v, mask=masks.SlidingWindow(100), q_offset=128)
 
     def test_multi_query_heads(self):
-        self.check(*_inputs(Hq=4, Hkv=1), mask=masks.SlidingWindow(70))
+        self.check(*_inputs(Hq=4, Hkv=1, dtype=self.dtype), mask=masks.SlidingWindow(70))
 
     @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
     def test_low_precision(self, dtype):
@@ -128,13 +136,14 @@ class FlashAttentionTests:
 
     @pytest.mark.parametrize("head_dim", [64, 128, 256])
     def test_head_dims(self, head_dim):
-        q, k, v = _inputs(T=128, S=128, Hq=2, Hkv=1, D=head_dim)
-        self.check(q, k, v, mask=masks.Causal(), grads=head_dim == 256)
+        """With the backend's default block sizes, which must fit the head dim (shared memory, VMEM)."""
+        q, k, v = _inputs(T=128, S=128, Hq=2, Hkv=1, D=head_dim, dtype=self.dtype)
+        self.check(q, k, v, mask=masks.Causal(), grads=head_dim == 256, block_sizes=BlockSizes())
 
     def test_softplus(self):
         if not self.supports_softplus:
             pytest.skip(f"{self.backend} has no softplus normaliser")
-        q, k, v = _inputs(B=2)
+        q, k, v = _inputs(B=2, dtype=self.dtype)
         self.check(q, k, v, mask=masks.Causal(), normalizer="softplus")
         self.check(q, k, v, mask=masks.SlidingWindow(70), normalizer="softplus", segment_ids=_packed_segments(2, 256))
 
@@ -142,7 +151,7 @@ class FlashAttentionTests:
         """NaN in every key/value block nobody may see, and in every query block that sees nothing: a kernel that
         loaded any of them into a product would return NaN (0 · NaN); the forward, dQ and dK/dV stay finite."""
         mask = _random_block_mask()
-        q, k, v = _inputs()
+        q, k, v = _inputs(dtype=self.dtype)
         k = k.at[:, 64:128].set(jnp.nan)
         v = v.at[:, 64:128].set(jnp.nan)
         q = q.at[:, 128:192].set(jnp.nan)
@@ -159,7 +168,7 @@ class FlashAttentionTests:
             assert np.all(np.isfinite(np.asarray(grad[:, rows]))), f"{name} read an empty block"
 
     def test_rejects_what_it_cannot_serve(self):
-        q, k, v = _inputs()
+        q, k, v = _inputs(dtype=self.dtype)
         with pytest.raises(NotImplementedError, match="reweight"):
             self.attend(q, k, v, normalizer=Softplus(reweight=True))
         with pytest.raises(ValueError, match="block sizes must divide"):

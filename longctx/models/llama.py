@@ -199,8 +199,12 @@ class Llama(nn.Module):
 
 
 def init_params(model: Llama, rng: jax.Array, seq_len: int = 8):
-    """(params, logical_axes): the float32 params as a plain pytree, and the same tree of logical PartitionSpecs."""
+    """(params, logical_axes): the float32 params as a plain pytree, and the same tree of logical PartitionSpecs.
+
+    Initialisation traces the model with the reference attention: params do not depend on the implementation, and a
+    kernel need not tile the short dummy sequence (`check_forward` checks the real shapes)."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
+    model = model.clone(config=dataclasses.replace(model.config, attention_impl="reference"))
     boxed = jax.jit(model.init)(rng, tokens)["params"]
     return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
 

@@ -63,12 +63,30 @@ def backward_lse2(lse):
     return jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2_E)
 
 
+def _exp_neg_abs(x):
+    return jnp.exp2(-jnp.abs(x) * LOG2_E)
+
+
+def _log1p_small(e):
+    """log(1 + e) for e in (0, 1]: a Taylor series below 2^-6 (where 1 + e would round e away), else log2."""
+    series = e * (1.0 - e * (0.5 - e * (1.0 / 3.0)))
+    return jnp.where(e < 2.0 ** -6, series, jnp.log2(1.0 + e) * LN_2)
+
+
 def softplus(x):
-    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    """log(1 + e^x) = max(x, 0) + log(1 + e^-|x|), from one exp2 and one log2 (no libdevice log1p)."""
+    return jnp.maximum(x, 0.0) + _log1p_small(_exp_neg_abs(x))
 
 
 def sigmoid(x):
-    return 1.0 / (1.0 + jnp.exp(-x))
+    e = _exp_neg_abs(x)
+    return jnp.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+def softplus_and_sigmoid(x):
+    """(softplus(x), sigmoid(x)) sharing e = e^-|x|: sigmoid is 1 / (1 + e) for x >= 0 and e / (1 + e) below."""
+    e = _exp_neg_abs(x)
+    return jnp.maximum(x, 0.0) + _log1p_small(e), jnp.where(x >= 0, 1.0, e) / (1.0 + e)
 
 
 def softplus_row_factor(num_keys, row_scale, head_dim: int):

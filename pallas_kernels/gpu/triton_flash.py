@@ -18,13 +18,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash import block_math
-from pallas_kernels.flash import normalizers
+from pallas_kernels.flash import normalizers, segments
 from pallas_kernels.flash.attention import BlockSizes, Problem
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def default_block_sizes(problem: Problem) -> BlockSizes:
+    """128 x 64 forward tiles and 64 x 64 backward tiles; 32 x 32 everywhere for float32 at head dim 256, whose 64-row
+    tiles need more shared memory than an H100 has (measured: 272 KiB asked, 227 KiB available)."""
+    if problem.head_dim > 128 and problem.dtype == "float32":
+        return BlockSizes(*(32,) * 6)
     big = 64 if problem.head_dim > 128 or problem.dtype == "float32" else 128
     return BlockSizes(block_q=big, block_kv=64, block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64)
 
@@ -36,12 +40,6 @@ def unsupported_reason(problem: Problem) -> str | None:
         if value < 16 or value & (value - 1):
             return f"block sizes must be powers of two >= 16, got {name}={value}"
     return block_math.check_normalizer(problem.normalizer)
-
-
-def _segment_bounds(segment_ids, block: int):
-    """int32 [B, L] → per-block (min, max) [B, L // block]."""
-    blocks = segment_ids.reshape(segment_ids.shape[0], -1, block)
-    return jnp.min(blocks, axis=-1), jnp.max(blocks, axis=-1)
 
 
 def _whole(array):
@@ -75,16 +73,21 @@ def _layout_inputs(layout, prefix: str):
             for part in ("full", "full_count", "partial", "partial_count")}
 
 
-def _visit_lists(refs, layout, prefix: str, mask_head, index, body, carry):
-    """Runs body(block, partial, carry) over the full then the partial blocks listed for (mask_head, index); a kind
-    the layout never uses is left out of the kernel altogether."""
+def _visit_lists(refs, layout, prefix: str, batch, mask_head, index, body, carry):
+    """Runs body(block, partial, carry) over the full then the partial blocks listed for (mask_head, index) — with
+    segment ids only over the slots `segments.list_ranges` leaves. A kind the layout never uses is left out of the
+    kernel altogether."""
     for kind, partial in (("full", False), ("partial", True)):
-        counts = getattr(layout, f"{prefix}_{kind}_count")
-        if not counts.any():
+        if not getattr(layout, f"{prefix}_{kind}_count").any():
             continue
-        blocks, count = refs[f"{prefix}_{kind}"], refs[f"{prefix}_{kind}_count"][mask_head, index]
+        blocks = refs[f"{prefix}_{kind}"]
+        if f"{prefix}_{kind}_start" in refs:
+            start = refs[f"{prefix}_{kind}_start"][batch, mask_head, index]
+            end = refs[f"{prefix}_{kind}_end"][batch, mask_head, index]
+        else:
+            start, end = 0, refs[f"{prefix}_{kind}_count"][mask_head, index]
         carry = jax.lax.fori_loop(
-            0, count, lambda n, c, blocks=blocks, partial=partial: body(blocks[mask_head, index, n], partial, c),
+            start, end, lambda n, c, blocks=blocks, partial=partial: body(blocks[mask_head, index, n], partial, c),
             carry)
     return carry
 
@@ -98,7 +101,8 @@ def _maybe_skip(refs, problem: Problem, q_bounds, kv_block, compute, carry):
     return jax.lax.cond(meet, compute, lambda c: c, carry)
 
 
-def _softplus_num_keys(refs, problem: Problem, block_q, block_kv, mask_head, index, head, q_start, q_seg, q_bounds):
+def _softplus_num_keys(refs, problem: Problem, block_q, block_kv, batch, mask_head, index, head, q_start, q_seg,
+                       q_bounds):
     """N_i of each query row in the block: from the layout without segment ids, else counted block by block."""
     if not problem.has_segments:
         return refs["row_allowed"][...].astype(jnp.float32)
@@ -111,12 +115,12 @@ def _softplus_num_keys(refs, problem: Problem, block_q, block_kv, mask_head, ind
             return total + jnp.sum(allowed.astype(jnp.float32), axis=-1)
         return _maybe_skip(refs, problem, q_bounds, kv_block, compute, total)
 
-    return _visit_lists(refs, problem.forward_layout, "row", mask_head, index, count,
+    return _visit_lists(refs, problem.forward_layout, "row", batch, mask_head, index, count,
                         jnp.zeros((block_q,), jnp.float32))
 
 
 def _forward_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
-    index, head = pl.program_id(0), pl.program_id(2)
+    index, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     mask_head = head if problem.forward_layout.num_mask_heads > 1 else 0
     q = refs["q"][...]
     q_start = problem.q_offset + index * block_q
@@ -124,8 +128,8 @@ def _forward_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
     q_bounds = (jnp.min(q_seg), jnp.max(q_seg)) if problem.has_segments else None
     softplus = isinstance(problem.normalizer, normalizers.Softplus)
     if softplus:
-        num_keys = _softplus_num_keys(refs, problem, block_q, block_kv, mask_head, index, head, q_start, q_seg,
-                                      q_bounds)
+        num_keys = _softplus_num_keys(refs, problem, block_q, block_kv, batch, mask_head, index, head, q_start,
+                                      q_seg, q_bounds)
         row_factor = block_math.softplus_row_factor(num_keys, refs["row_scale"][...], problem.head_dim)
 
     def step(kv_block, partial, carry):
@@ -153,12 +157,12 @@ def _forward_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
 
     acc = jnp.zeros((block_q, problem.head_dim), jnp.float32)
     if softplus:
-        acc, row_sum = _visit_lists(refs, problem.forward_layout, "row", mask_head, index, step,
+        acc, row_sum = _visit_lists(refs, problem.forward_layout, "row", batch, mask_head, index, step,
                                     (acc, jnp.zeros((block_q,), jnp.float32)))
         refs["num_keys"][...] = num_keys
         refs["row_sum"][...] = row_sum
     else:
-        acc, m, row_sum = _visit_lists(refs, problem.forward_layout, "row", mask_head, index, step,
+        acc, m, row_sum = _visit_lists(refs, problem.forward_layout, "row", batch, mask_head, index, step,
                                        (acc, jnp.full((block_q,), -jnp.inf, jnp.float32),
                                         jnp.zeros((block_q,), jnp.float32)))
         refs["lse"][...] = block_math.softmax_lse(m, row_sum)
@@ -199,7 +203,7 @@ def _common_inputs(problem: Problem, q, k, v, row_scale, col_scale, q_segment_id
     if row_scale is not None:
         inputs.update(row_scale=row_scale, col_scale=col_scale)
     if problem.has_segments:
-        kv_min, kv_max = _segment_bounds(kv_segment_ids, kv_block)
+        kv_min, kv_max = segments.block_bounds(kv_segment_ids, kv_block)
         inputs.update(q_seg=q_segment_ids, kv_seg=kv_segment_ids, kv_seg_min=kv_min, kv_seg_max=kv_max)
     return inputs
 
@@ -213,6 +217,8 @@ def forward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_s
     if softplus and not problem.has_segments:
         inputs["row_allowed"] = jnp.asarray(layout.row_allowed)
     inputs.update(_layout_inputs(layout, "row"))
+    if problem.has_segments:
+        inputs.update(segments.list_ranges(layout, "row", q_segment_ids, kv_segment_ids))
     specs = _row_major_specs(problem, block_q, layout)
     specs.update({n: _batch_row(inputs[n]) for n in ("kv_seg_min", "kv_seg_max") if n in inputs})
     for name, array in inputs.items():
@@ -231,12 +237,13 @@ def _probabilities(problem: Problem, qk, allowed, row, col_scale):
     """Per block, from q·kᵀ [bq, bk]: (weights w, dweights → dscores). `row` holds the per-row statistics."""
     if isinstance(problem.normalizer, normalizers.Softplus):
         scores = row["factor"][:, None] * qk * col_scale[None, :]
-        weights = block_math.softplus(scores) / row["row_sum_safe"][:, None]
+        softplus, sigmoid = block_math.softplus_and_sigmoid(scores)
+        weights = softplus * row["inverse_row_sum"][:, None]
         if allowed is not None:
             weights = jnp.where(allowed, weights, 0.0)
 
         def scores_grad(dweights):
-            ds = (dweights - row["delta"][:, None]) / row["row_sum_safe"][:, None] * block_math.sigmoid(scores)
+            ds = (dweights - row["delta"][:, None]) * row["inverse_row_sum"][:, None] * sigmoid
             if allowed is not None:
                 ds = jnp.where(allowed, ds, 0.0)
             return ds * row["factor"][:, None] * col_scale[None, :], ds * scores
@@ -254,12 +261,12 @@ def _probabilities(problem: Problem, qk, allowed, row, col_scale):
 def _row_statistics(problem: Problem, num_keys, row_sum, lse, delta, row_scale):
     if isinstance(problem.normalizer, normalizers.Softplus):
         return {"factor": block_math.softplus_row_factor(num_keys, row_scale, problem.head_dim),
-                "row_sum_safe": jnp.where(row_sum > 0, row_sum, 1.0), "delta": delta}
+                "inverse_row_sum": 1.0 / jnp.where(row_sum > 0, row_sum, 1.0), "delta": delta}
     return {"lse2": block_math.backward_lse2(lse), "delta": delta}
 
 
 def _dq_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
-    index, head = pl.program_id(0), pl.program_id(2)
+    index, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layout = problem.dq_layout
     mask_head = head if layout.num_mask_heads > 1 else 0
     softplus = isinstance(problem.normalizer, normalizers.Softplus)
@@ -289,7 +296,7 @@ def _dq_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
             return dq, drow
         return _maybe_skip(refs, problem, q_bounds, kv_block, compute, carry)
 
-    dq, drow = _visit_lists(refs, layout, "row", mask_head, index, step,
+    dq, drow = _visit_lists(refs, layout, "row", batch, mask_head, index, step,
                             (jnp.zeros((block_q, problem.head_dim), jnp.float32), jnp.zeros((block_q,), jnp.float32)))
     refs["dq"][...] = dq.astype(refs["dq"].dtype)
     if softplus:
@@ -297,7 +304,7 @@ def _dq_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
 
 
 def _dkdv_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
-    index, kv_head = pl.program_id(0), pl.program_id(2)
+    index, batch, kv_head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layout = problem.dkdv_layout
     softplus = isinstance(problem.normalizer, normalizers.Softplus)
     k, v = refs["k"][...], refs["v"][...]
@@ -337,7 +344,7 @@ def _dkdv_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
             meet = block_math.segments_meet(refs["q_seg_min"][q_block], refs["q_seg_max"][q_block], *kv_bounds)
             return jax.lax.cond(meet, compute, lambda c: c, carry)
 
-        return _visit_lists(refs, layout, "col", mask_head, index, step, carry)
+        return _visit_lists(refs, layout, "col", batch, mask_head, index, step, carry)
 
     zeros = jnp.zeros((block_kv, problem.head_dim), jnp.float32)
     dk, dv, dcol = jax.lax.fori_loop(0, problem.group, head_step, (zeros, zeros, jnp.zeros((block_kv,), jnp.float32)))
@@ -359,6 +366,8 @@ def backward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_
     inputs = _common_inputs(problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids, block_kv)
     inputs.update(dout=dout, delta=delta, **dict(zip(stat_names, stats)))
     inputs.update(_layout_inputs(problem.dq_layout, "row"))
+    if problem.has_segments:
+        inputs.update(segments.list_ranges(problem.dq_layout, "row", q_segment_ids, kv_segment_ids))
     specs = _row_major_specs(problem, block_q, problem.dq_layout)
     specs.update(dout=specs["q"], delta=specs["stat"], **{n: specs["stat"] for n in stat_names})
     specs.update({n: _batch_row(inputs[n]) for n in ("kv_seg_min", "kv_seg_max") if n in inputs})
@@ -389,12 +398,14 @@ def backward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_
     for name in ("delta", *stat_names):
         specs[name] = specs["stat"]
     if problem.has_segments:
-        q_min, q_max = _segment_bounds(q_segment_ids, block_q)
+        q_min, q_max = segments.block_bounds(q_segment_ids, block_q)
         inputs.update(q_seg=q_segment_ids, kv_seg=kv_segment_ids, q_seg_min=q_min, q_seg_max=q_max)
         specs["q_seg"] = pl.BlockSpec((None, T), lambda j, b, h: (b, 0))
         specs["kv_seg"] = pl.BlockSpec((None, block_kv), lambda j, b, h: (b, j))
         specs.update(q_seg_min=_batch_row(q_min), q_seg_max=_batch_row(q_max))
     inputs.update(_layout_inputs(problem.dkdv_layout, "col"))
+    if problem.has_segments:
+        inputs.update(segments.list_ranges(problem.dkdv_layout, "col", q_segment_ids, kv_segment_ids))
     for name, array in inputs.items():
         specs.setdefault(name, _whole(array))
     outputs = {"dk": jax.ShapeDtypeStruct(k.shape, k.dtype), "dv": jax.ShapeDtypeStruct(v.shape, v.dtype)}
