@@ -92,13 +92,20 @@ def _visit_lists(refs, layout, prefix: str, batch, mask_head, index, body, carry
     return carry
 
 
-def _maybe_skip(refs, problem: Problem, q_bounds, kv_block, compute, carry):
-    """compute(carry) unless segment ids say the query block cannot see key block kv_block."""
+def _by_segments(problem: Problem, q_bounds, kv_bounds, compute, carry):
+    """compute(carry, segmented) for a visited block: skipped when segment ids say its queries and keys cannot meet,
+    run without the segment mask when both lie in one and the same segment, else with it."""
     if not problem.has_segments:
-        return compute(carry)
-    meet = block_math.segments_meet(q_bounds[0], q_bounds[1], refs["kv_seg_min"][kv_block],
-                                    refs["kv_seg_max"][kv_block])
-    return jax.lax.cond(meet, compute, lambda c: c, carry)
+        return compute(carry, False)
+    meet = block_math.segments_meet(*q_bounds, *kv_bounds)
+    one_segment = (q_bounds[0] == q_bounds[1]) & (kv_bounds[0] == kv_bounds[1]) & (q_bounds[0] == kv_bounds[0])
+    return jax.lax.cond(
+        meet, lambda c: jax.lax.cond(one_segment, lambda c: compute(c, False), lambda c: compute(c, True), c),
+        lambda c: c, carry)
+
+
+def _kv_bounds(refs, problem: Problem, kv_block):
+    return (refs["kv_seg_min"][kv_block], refs["kv_seg_max"][kv_block]) if problem.has_segments else None
 
 
 def _softplus_num_keys(refs, problem: Problem, block_q, block_kv, batch, mask_head, index, head, q_start, q_seg,
@@ -108,12 +115,15 @@ def _softplus_num_keys(refs, problem: Problem, block_q, block_kv, batch, mask_he
         return refs["row_allowed"][...].astype(jnp.float32)
 
     def count(kv_block, partial, total):
-        def compute(total):
-            kv_seg = refs["kv_seg"][pl.ds(kv_block * block_kv, block_kv)]
+        def compute(total, segmented):
+            kv_seg = refs["kv_seg"][pl.ds(kv_block * block_kv, block_kv)] if segmented else None
             allowed = block_math.block_allowed(problem.mask, q_start, kv_block * block_kv, block_q, block_kv, head,
-                                               partial=partial, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+                                               partial=partial, q_segment_ids=q_seg if segmented else None,
+                                               kv_segment_ids=kv_seg)
+            if allowed is None:
+                return total + block_kv
             return total + jnp.sum(allowed.astype(jnp.float32), axis=-1)
-        return _maybe_skip(refs, problem, q_bounds, kv_block, compute, total)
+        return _by_segments(problem, q_bounds, _kv_bounds(refs, problem, kv_block), compute, total)
 
     return _visit_lists(refs, problem.forward_layout, "row", batch, mask_head, index, count,
                         jnp.zeros((block_q,), jnp.float32))
@@ -133,12 +143,13 @@ def _forward_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
         row_factor = block_math.softplus_row_factor(num_keys, refs["row_scale"][...], problem.head_dim)
 
     def step(kv_block, partial, carry):
-        def compute(carry):
+        def compute(carry, segmented):
             span = pl.ds(kv_block * block_kv, block_kv)
             k, v = refs["k"][span, :], refs["v"][span, :]
-            kv_seg = refs["kv_seg"][span] if problem.has_segments else None
+            kv_seg = refs["kv_seg"][span] if segmented else None
             allowed = block_math.block_allowed(problem.mask, q_start, kv_block * block_kv, block_q, block_kv, head,
-                                               partial=partial, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+                                               partial=partial, q_segment_ids=q_seg if segmented else None,
+                                               kv_segment_ids=kv_seg)
             qk = _dot(problem, q, k, trans_b=True)
             if softplus:
                 acc, row_sum = carry
@@ -153,7 +164,7 @@ def _forward_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
                 scores = jnp.where(allowed, scores, -jnp.inf)
             p, alpha, m, l = block_math.online_softmax(scores, m, l)
             return alpha[:, None] * acc + _dot(problem, p.astype(v.dtype), v), m, l
-        return _maybe_skip(refs, problem, q_bounds, kv_block, compute, carry)
+        return _by_segments(problem, q_bounds, _kv_bounds(refs, problem, kv_block), compute, carry)
 
     acc = jnp.zeros((block_q, problem.head_dim), jnp.float32)
     if softplus:
@@ -279,13 +290,14 @@ def _dq_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
                           refs["delta"][...], refs["row_scale"][...] if softplus else None)
 
     def step(kv_block, partial, carry):
-        def compute(carry):
+        def compute(carry, segmented):
             dq, drow = carry
             span = pl.ds(kv_block * block_kv, block_kv)
             k, v = refs["k"][span, :], refs["v"][span, :]
-            kv_seg = refs["kv_seg"][span] if problem.has_segments else None
+            kv_seg = refs["kv_seg"][span] if segmented else None
             allowed = block_math.block_allowed(problem.mask, q_start, kv_block * block_kv, block_q, block_kv, head,
-                                               partial=partial, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+                                               partial=partial, q_segment_ids=q_seg if segmented else None,
+                                               kv_segment_ids=kv_seg)
             qk = _dot(problem, q, k, trans_b=True)
             _, scores_grad = _probabilities(problem, qk, allowed, row,
                                             refs["col_scale"][span] if softplus else None)
@@ -294,7 +306,7 @@ def _dq_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
             if softplus:
                 drow = drow + jnp.sum(ds_times_s, axis=-1)
             return dq, drow
-        return _maybe_skip(refs, problem, q_bounds, kv_block, compute, carry)
+        return _by_segments(problem, q_bounds, _kv_bounds(refs, problem, kv_block), compute, carry)
 
     dq, drow = _visit_lists(refs, layout, "row", batch, mask_head, index, step,
                             (jnp.zeros((block_q, problem.head_dim), jnp.float32), jnp.zeros((block_q,), jnp.float32)))
@@ -318,14 +330,14 @@ def _dkdv_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
         mask_head = head if layout.num_mask_heads > 1 else 0
 
         def step(q_block, partial, carry):
-            def compute(carry):
+            def compute(carry, segmented):
                 dk, dv, dcol = carry
                 q_span = pl.ds(q_block * block_q, block_q)
                 q, dout = refs["q"][q_span, g, :], refs["dout"][q_span, g, :]
-                q_seg = refs["q_seg"][q_span] if problem.has_segments else None
+                q_seg = refs["q_seg"][q_span] if segmented else None
                 allowed = block_math.block_allowed(problem.mask, problem.q_offset + q_block * block_q, kv_start,
                                                    block_q, block_kv, head, partial=partial, q_segment_ids=q_seg,
-                                                   kv_segment_ids=kv_seg)
+                                                   kv_segment_ids=kv_seg if segmented else None)
                 stat = {name: refs[name][g, q_span] for name in ("num_keys", "row_sum", "lse", "delta", "row_scale")
                         if name in refs}
                 row = _row_statistics(problem, stat.get("num_keys"), stat.get("row_sum"), stat.get("lse"),
@@ -339,10 +351,8 @@ def _dkdv_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
                     dcol = dcol + jnp.sum(ds_times_s, axis=0)
                 return dk, dv, dcol
 
-            if not problem.has_segments:
-                return compute(carry)
-            meet = block_math.segments_meet(refs["q_seg_min"][q_block], refs["q_seg_max"][q_block], *kv_bounds)
-            return jax.lax.cond(meet, compute, lambda c: c, carry)
+            q_bounds = (refs["q_seg_min"][q_block], refs["q_seg_max"][q_block]) if problem.has_segments else None
+            return _by_segments(problem, q_bounds, kv_bounds, compute, carry)
 
         return _visit_lists(refs, layout, "col", batch, mask_head, index, step, carry)
 
