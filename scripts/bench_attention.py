@@ -29,10 +29,11 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import attention_cases  # noqa: E402
 
-from pallas_kernels import flash_attention, masks  # noqa: E402
+from pallas_kernels import BlockSizes, flash_attention, masks  # noqa: E402
 from pallas_kernels.flash.attention import plan  # noqa: E402
 
 INTERPRET = False
+BLOCK_SIZES = None
 
 
 def _median_ms(fn, args, iters: int) -> float:
@@ -69,7 +70,8 @@ def _allowed_pairs(case: attention_cases.Case, segments) -> float:
 def _visited_blocks(case: attention_cases.Case, backend: str, segments) -> float:
     """Blocks the forward kernel computes per head (segment-skipped blocks excluded), averaged over heads."""
     problem, _ = plan((1, case.length, case.heads, case.head_dim), (1, case.length, case.heads, case.head_dim),
-                      jnp.bfloat16, mask=case.mask, has_segments=segments is not None, backend=backend)
+                      jnp.bfloat16, mask=case.mask, has_segments=segments is not None, backend=backend,
+                      block_sizes=BLOCK_SIZES)
     layout = problem.forward_layout
     visited = layout.kinds != 0
     if segments is not None:
@@ -88,10 +90,10 @@ def _implementations(case, backends, segments, xla_max_length):
     for backend in backends:
         def attend(q, k, v, backend=backend):
             return flash_attention(q, k, v, mask=case.mask, segment_ids=segments, normalizer=case.normalizer,
-                                   backend=backend, interpret=INTERPRET)
+                                   backend=backend, interpret=INTERPRET, block_sizes=BLOCK_SIZES)
         try:
             plan(case_shape(case), case_shape(case), jnp.bfloat16, mask=case.mask, has_segments=segments is not None,
-                 normalizer=case.normalizer, backend=backend)
+                 normalizer=case.normalizer, backend=backend, block_sizes=BLOCK_SIZES)
             found[f"pallas_{backend}"] = attend
         except (NotImplementedError, ValueError) as e:
             found[f"pallas_{backend}"] = str(e)
@@ -128,6 +130,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--xla_max_length", type=int, default=8192)
     parser.add_argument("--commit", default="unknown")
+    parser.add_argument("--block_sizes", help="six ints: block_q,block_kv,block_q_dq,block_kv_dq,block_q_dkv,"
+                        "block_kv_dkv (default: each backend's)")
     parser.add_argument("--length", type=int, help="override every case's length (a quick check of the script)")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode (checking the script on CPU)")
     args = parser.parse_args()
@@ -135,8 +139,9 @@ def main() -> None:
     if args.length:
         cases = {name: dataclasses.replace(c, length=args.length, documents=c.documents and tuple(
             max(128, d * args.length // c.length // 128 * 128) for d in c.documents)) for name, c in cases.items()}
-    global INTERPRET
+    global INTERPRET, BLOCK_SIZES
     INTERPRET = args.interpret
+    BLOCK_SIZES = BlockSizes(*map(int, args.block_sizes.split(","))) if args.block_sizes else None
     backends = args.backends.split(",")
     header = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": args.commit,
               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv)}
