@@ -1,0 +1,128 @@
+"""The Pallas Mosaic GPU (Hopper) backend: the shared suite in Mosaic GPU interpret mode on CPU, in bfloat16 (the
+kernels take bfloat16 / float16 only), and compiled on a GPU of compute capability 9.0 or more when one is present.
+
+Interpret mode cannot hold a wgmma operand or a pre-initialised accumulator in registers, so there the kernels stage
+those through shared memory (`hopper_flash._mma`); `test_compiled_kernels_lower_for_hopper` lowers the compiled
+variant through Mosaic GPU on any machine, which checks it type-checks, lays out and fits in shared memory.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from flash_test_base import FlashAttentionTests, _inputs, _packed_segments
+from pallas_kernels import BlockSizes, flash_attention, masks
+from pallas_kernels.gpu import hopper_flash
+
+ONE_WARPGROUP = BlockSizes(64, 64, 64, 64, 64, 64)  # one compute warpgroup in every kernel
+
+
+def _hopper_present() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and float(getattr(device, "compute_capability", 0)) >= 9.0
+
+
+class HopperTests(FlashAttentionTests):
+    backend = "mosaic_gpu"
+    dtype = jnp.bfloat16
+    block_sizes = None  # the backend's defaults: two compute warpgroups wherever the lengths allow
+    low_precision_dtypes = (jnp.bfloat16, jnp.float16)
+    supports_softplus = False
+
+    def attend(self, q, k, v, **kwargs):
+        if isinstance(kwargs.get("mask"), masks.BlockMask):  # the suite's block mask has 64x64 blocks
+            kwargs.setdefault("block_sizes", ONE_WARPGROUP)
+        return super().attend(q, k, v, **kwargs)
+
+    def test_one_compute_warpgroup(self):
+        q, k, v = _inputs(B=2, Hq=2, Hkv=1, dtype=self.dtype)
+        self.check(q, k, v, mask=masks.sinks_and_window(4, 40), segment_ids=_packed_segments(2, 256),
+                   block_sizes=ONE_WARPGROUP)
+
+    def test_refusals_name_the_combination(self):
+        q, k, v = _inputs(dtype=self.dtype)
+        with pytest.raises(NotImplementedError, match="softmax only; backend='triton' runs softplus"):
+            self.attend(q, k, v, normalizer="softplus")
+        with pytest.raises(NotImplementedError, match="bfloat16 or float16 inputs.*got float32"):
+            self.attend(*_inputs(), mask=masks.Causal())
+        with pytest.raises(NotImplementedError, match="head dims"):
+            self.attend(*_inputs(D=96, dtype=self.dtype))
+        with pytest.raises(NotImplementedError, match="block_q must be 64 or 128"):
+            self.attend(q, k, v, block_sizes=BlockSizes(block_q=256))
+        with pytest.raises(NotImplementedError, match="block_kv must be a multiple of 64"):
+            self.attend(q, k, v, block_sizes=BlockSizes(block_kv=32))
+        q, k, v = _inputs(T=512, S=512, D=256, dtype=self.dtype)
+        with pytest.raises(NotImplementedError, match="shared memory"):
+            self.attend(q, k, v, block_sizes=BlockSizes(block_kv=256))
+
+
+class TestHopperInterpret(HopperTests):
+    """Interpret mode simulates every warpgroup, barrier, copy and wgmma on the CPU (about a millisecond each), so it
+    runs the masks whose kernel paths differ — no partial blocks (block mask), causal, per-head (S2), a union (sinks +
+    window), sliding window — and float16 besides bfloat16; full, chunked-local and distant run compiled only."""
+
+    interpret = True
+
+    @pytest.mark.parametrize("mask_name", ["block_mask", "causal", "s2_strided_heads", "sinks_window",
+                                           "sliding_window"])
+    def test_mask_forward_lse_and_gradients(self, mask_name):
+        super().test_mask_forward_lse_and_gradients(mask_name)
+
+    @pytest.mark.parametrize("dtype", [jnp.float16])  # bfloat16 is every other test's dtype
+    def test_low_precision(self, dtype):
+        super().test_low_precision(dtype)
+
+    def test_no_races(self, monkeypatch):
+        """The interpreter's race detector over every kernel, two compute warpgroups, segment ids and a partial
+        mask: each TMA, wgmma and shared-memory access is ordered by the barriers."""
+        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # the detector has no public API
+        run = hopper_flash._run
+
+        def checked(*args, **kwargs):
+            outputs = jax.block_until_ready(run(*args, **kwargs))
+            assert not interpret_pallas_call.get_races().races_found, f"a race in {args[1].__name__}"
+            return outputs
+        monkeypatch.setattr(hopper_flash, "_run", checked)
+        q, k, v = _inputs(B=2, T=256, S=256, Hq=2, Hkv=1, dtype=self.dtype)
+        with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+            out, vjp = jax.vjp(lambda q, k, v: self.attend(q, k, v, mask=masks.SlidingWindow(100),
+                                                           segment_ids=_packed_segments(2, 256)), q, k, v)
+            vjp(out)
+
+
+@pytest.mark.skipif(not _hopper_present(), reason="needs a GPU of compute capability 9.0 or more")
+class TestHopperGPU(HopperTests):
+    interpret = False
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_compiled_kernels_lower_for_hopper(head_dim):
+    """The compiled kernels (wgmma from registers, accumulators in run_state) lowered through Mosaic GPU for
+    CUDA at the default block sizes: forward and backward, segment ids, a per-head mask."""
+    q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+
+    def loss(q, k, v, ids):
+        out = flash_attention(q, k, v, mask=masks.StridedHeads(block=64, local_blocks=2, stride=2),
+                              segment_ids=ids, backend="mosaic_gpu")
+        return jnp.sum(out.astype(jnp.float32))
+    lowered = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, kv, kv, ids).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("mosaic_gpu") >= 3, "expected the forward, dQ and dK/dV kernels"
+
+
+def test_visit_lists_order_full_then_partial_and_filter_by_segments():
+    kinds = np.array([[[[0, 2, 1, 2], [1, 0, 0, 0]], [[2, 0, 0, 1], [0, 0, 0, 0]]]], np.int8)  # [1, G=2, R=2, C=4]
+    visits, bounds = hopper_flash._visit_lists(kinds)
+    assert visits.shape == (1, 1, 2, 5)
+    np.testing.assert_array_equal(visits[0, 0, 0], [1, 3, 2, 4, 7])  # run 0: full 1, 3; partial 2; run 1: 4 | 7
+    np.testing.assert_array_equal(bounds[0, 0, 0], [0, 2, 3, 4, 5])
+    np.testing.assert_array_equal(visits[0, 0, 1, :1], [0])
+    np.testing.assert_array_equal(bounds[0, 0, 1], [0, 0, 1, 1, 1])
+    meet = jnp.array([[[True, False, True, True], [True, True, True, True]]])  # [B=1, R, C]
+    visits, bounds = hopper_flash._visit_lists(kinds, meet)
+    np.testing.assert_array_equal(np.asarray(visits)[0, 0, 0, :4], [3, 2, 4, 7])
+    np.testing.assert_array_equal(np.asarray(bounds)[0, 0, 0], [0, 1, 2, 3, 4])
