@@ -132,20 +132,22 @@ def _cudnn(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, q_o
 @dataclasses.dataclass(frozen=True)
 class Implementation:
     """fn(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, q_offset, alibi_slopes, return_lse) on
-    checked arguments (normalizer an object; scale resolved for softmax, None for softplus); unsupported_reason(request)
-    says why it cannot honour a request, or None."""
+    checked arguments (normalizer an object; scale resolved for softmax, None for softplus), and request=the Request
+    when `takes_request`; unsupported_reason(request) says why it cannot honour a request, or None."""
 
     fn: Callable[..., jax.Array | tuple[jax.Array, jax.Array]]
     unsupported_reason: Callable[[Request], str | None] = lambda request: None
+    takes_request: bool = False
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
     "reference": Implementation(reference_attention),
     "xla": Implementation(_xla),
     "cudnn": Implementation(_cudnn, cudnn_unsupported_reason),
-    "pallas": Implementation(pallas.attention, pallas.unsupported_reason),
+    "pallas": Implementation(pallas.attention, pallas.unsupported_reason, takes_request=True),
     "pallas_interpret": Implementation(functools.partial(pallas.attention, interpret=True),
-                                       functools.partial(pallas.unsupported_reason, interpret=True)),
+                                       functools.partial(pallas.unsupported_reason, interpret=True),
+                                       takes_request=True),
 }
 DENSE_AUTO_ORDER = ("cudnn", "pallas", "xla")
 SPARSE_AUTO_ORDER = ("pallas", "cudnn", "xla")
@@ -215,6 +217,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mask = ma
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     if scale is None and isinstance(normalizer, normalizers.Softmax):
         scale = q.shape[-1] ** -0.5
-    return IMPLEMENTATIONS[name].fn(
+    implementation = IMPLEMENTATIONS[name]
+    return implementation.fn(
         q, k, v, mask=mask, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, normalizer=normalizer,
-        scale=scale, q_offset=q_offset, alibi_slopes=alibi_slopes, return_lse=return_lse)
+        scale=scale, q_offset=q_offset, alibi_slopes=alibi_slopes, return_lse=return_lse,
+        **({"request": request} if implementation.takes_request else {}))

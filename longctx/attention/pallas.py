@@ -11,10 +11,10 @@ backward kernels. What the kernels cannot honour is refused by `unsupported_reas
 - and whatever the chosen pallas_kernels backend refuses (its reason is passed on: dtypes, head dims, block sizes,
   softplus re-weighting).
 
-"pallas_interpret" runs the same kernels (Triton backend) in Pallas interpret mode, so CPU tests exercise this path.
+On Hopper the Mosaic GPU kernels run what they can (softmax, bfloat16 / float16) and Triton the rest; see
+`candidate_backends`. "pallas_interpret" runs the Triton kernels in Pallas interpret mode, so CPU tests exercise this
+path.
 """
-
-import jax
 
 import pallas_kernels
 from pallas_kernels import masks as pallas_masks
@@ -49,40 +49,58 @@ def to_pallas_normalizer(normalizer: normalizers.Normalizer):
     return pallas_kernels.Softmax()
 
 
-def _backend(platform: str, interpret: bool) -> str:
-    """The pallas_kernels backend for a platform: Triton on CUDA GPUs (and in interpret mode), Mosaic TPU on TPUs."""
-    return "tpu" if platform == "tpu" and not interpret else "triton"
+def candidate_backends(platform: str, capability: tuple[int, int] | None, interpret: bool) -> tuple[str, ...]:
+    """The pallas_kernels backends impl="pallas" tries, best first: Mosaic GPU then Triton on Hopper and later
+    (Mosaic GPU is softmax on bfloat16/float16 only), Triton on other CUDA GPUs and in interpret mode, Mosaic TPU on
+    TPUs."""
+    if interpret:
+        return ("triton",)
+    if platform == "tpu":
+        return ("tpu",)
+    return ("mosaic_gpu", "triton") if capability and capability >= (9, 0) else ("triton",)
+
+
+def choose_backend(request, *, interpret: bool = False) -> tuple[str | None, str | None]:
+    """(the backend that serves a longctx dispatch Request, None), or (None, why none can)."""
+    if not interpret and request.platform not in ("gpu", "tpu"):
+        return None, f"the pallas kernels need a CUDA GPU or a TPU (backend is {request.platform})"
+    if request.q_offset is None:
+        return None, "the pallas kernels need a static q_offset (their block layout is built at trace time)"
+    if request.has_alibi:
+        return None, "the pallas kernels add no ALiBi bias"
+    if request.has_segment_ids and not request.mask.relative:
+        return None, (f"the pallas kernels apply {request.mask!r} on row positions, but with segment ids longctx "
+                      f"evaluates a mask that is not relative on positions within each document")
+    try:
+        mask = to_pallas_mask(request.mask)
+    except NotImplementedError as e:
+        return None, str(e)
+    reasons = []
+    for backend in candidate_backends(request.platform, request.compute_capability, interpret):
+        try:
+            plan(request.q_shape, request.k_shape, request.dtype, mask=mask, has_segments=request.has_segment_ids,
+                 normalizer=to_pallas_normalizer(request.normalizer), q_offset=request.q_offset,
+                 return_lse=request.return_lse, backend=backend, interpret=interpret)
+            return backend, None
+        except (NotImplementedError, ValueError) as e:
+            reasons.append(str(e))
+    return None, "; ".join(reasons)
 
 
 def unsupported_reason(request, *, interpret: bool = False) -> str | None:
     """Why impl="pallas" (or "pallas_interpret") cannot serve a longctx dispatch Request, or None."""
-    if not interpret and request.platform not in ("gpu", "tpu"):
-        return f"the pallas kernels need a CUDA GPU or a TPU (backend is {request.platform})"
-    if request.q_offset is None:
-        return "the pallas kernels need a static q_offset (their block layout is built at trace time)"
-    if request.has_alibi:
-        return "the pallas kernels add no ALiBi bias"
-    if request.has_segment_ids and not request.mask.relative:
-        return (f"the pallas kernels apply {request.mask!r} on row positions, but with segment ids longctx evaluates "
-                f"a mask that is not relative on positions within each document")
-    try:
-        mask = to_pallas_mask(request.mask)
-        plan(
-            request.q_shape, request.k_shape, request.dtype, mask=mask, has_segments=request.has_segment_ids,
-            normalizer=to_pallas_normalizer(request.normalizer), q_offset=request.q_offset,
-            return_lse=request.return_lse, backend=_backend(request.platform, interpret), interpret=interpret)
-    except (NotImplementedError, ValueError) as e:
-        return str(e)
-    return None
+    return choose_backend(request, interpret=interpret)[1]
 
 
 def attention(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, q_offset, alibi_slopes, return_lse,
-              interpret: bool = False):
+              request, interpret: bool = False):
     """The dispatch implementation: arguments already checked by longctx (see dispatch.Implementation)."""
     del alibi_slopes  # refused by unsupported_reason
+    backend, reason = choose_backend(request, interpret=interpret)
+    if backend is None:
+        raise NotImplementedError(reason)
     softplus = isinstance(normalizer, normalizers.Softplus)
-    platform = jax.devices()[0].platform
     return pallas_kernels.flash_attention(
         q, k, v, mask=to_pallas_mask(mask), segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
         normalizer=to_pallas_normalizer(normalizer), scale=None if softplus else scale, q_offset=q_offset,
-        return_lse=return_lse, backend=_backend(platform, interpret), interpret=interpret)
+        return_lse=return_lse, backend=backend, interpret=interpret)

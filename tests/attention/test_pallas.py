@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longctx.attention import attention, dispatch, masks, normalizers
+from longctx.attention import attention, dispatch, masks, normalizers, pallas
 from longctx.attention.dispatch import Request
 
 T = 128
@@ -94,3 +94,16 @@ def test_auto_prefers_pallas_for_sparse_masks_and_cudnn_for_dense_ones():
     assert choice(masks.Causal()) == "cudnn"
     assert choice(masks.SlidingWindow(32)) == "pallas"
     assert choice(masks.Explicit(np.tril(np.ones((T, T), bool)))) == "xla"
+
+
+def test_hopper_runs_mosaic_gpu_where_it_can_and_triton_for_the_rest():
+    q, k, _ = _qkv(dtype=jnp.bfloat16)
+
+    def backend(dtype=jnp.bfloat16, normalizer=normalizers.Softmax(), capability=(9, 0)):
+        request = Request(q.shape, k.shape, dtype, masks.SlidingWindow(32), "gpu", capability, normalizer=normalizer)
+        return pallas.choose_backend(request)[0]
+
+    assert backend() == "mosaic_gpu"
+    assert backend(capability=(8, 0)) == "triton"
+    assert backend(dtype=jnp.float32) == "triton"
+    assert backend(normalizer=normalizers.Softplus()) == "triton"
