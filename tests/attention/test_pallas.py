@@ -107,3 +107,17 @@ def test_hopper_runs_mosaic_gpu_where_it_can_and_triton_for_the_rest():
     assert backend(capability=(8, 0)) == "triton"
     assert backend(dtype=jnp.float32) == "triton"
     assert backend(normalizer=normalizers.Softplus()) == "triton"
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="needs a CUDA GPU")
+def test_pallas_in_bfloat16_on_a_gpu():
+    """The compiled kernels longctx picks for bfloat16 (Mosaic GPU on Hopper) against the reference: 2 % of the
+    largest reference magnitude, forward and gradients."""
+    q, k, v = _qkv(T=256, S=256, D=128, dtype=jnp.bfloat16)
+    case = dict(mask=masks.SlidingWindow(100), segment_ids=np.repeat(SEGMENTS, 2, axis=1))
+    pairs = [(attention(q, k, v, impl="pallas", **case), attention(q, k, v, impl="reference", **case))]
+    pairs += zip(jax.grad(_loss("pallas", False, **case), (0, 1, 2))(q, k, v),
+                 jax.grad(_loss("reference", False, **case), (0, 1, 2))(q, k, v))
+    for got, want in pairs:
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max(), rtol=0)
