@@ -27,35 +27,19 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.flash import normalizers as kernel_normalizers
+
 
 @dataclasses.dataclass(frozen=True)
-class Softmax:
+class Softmax(kernel_normalizers.Softmax):
     """exp(scale · q·k) normalised over the visible keys (the usual attention)."""
 
-    name = "softmax"
-
 
 @dataclasses.dataclass(frozen=True)
-class Softplus:
-    """Length-scaled softplus attention with the l1 normaliser, optionally re-weighted (see the module docstring)."""
-
-    reweight: bool = False
-    power: float = 15.0
-    offset: float = 1.0
-    offset_free_keys: int = 3
-
-    name = "softplus"
-
-    def __post_init__(self):
-        if not isinstance(self.reweight, bool):
-            raise ValueError(f"Softplus: reweight must be True or False, got {self.reweight!r}")
-        if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or self.power < 1:
-            raise ValueError(f"Softplus: power must be a number >= 1, got {self.power!r}")
-        if isinstance(self.offset, bool) or not isinstance(self.offset, (int, float)) or self.offset < 0:
-            raise ValueError(f"Softplus: offset must be a number >= 0, got {self.offset!r}")
-        if isinstance(self.offset_free_keys, bool) or not isinstance(self.offset_free_keys, int) \
-                or self.offset_free_keys < 0:
-            raise ValueError(f"Softplus: offset_free_keys must be an int >= 0, got {self.offset_free_keys!r}")
+class Softplus(kernel_normalizers.Softplus):
+    """Length-scaled softplus attention with the l1 normaliser, optionally re-weighted (see the module docstring).
+    Its fields and their checks are those of the kernels' normaliser (`pallas_kernels.Softplus`), so the pallas
+    kernels take it as it is."""
 
     def weights(self, q: jax.Array, k: jax.Array, allowed: jax.Array) -> jax.Array:
         """Attention weights float32 [B, Hkv, G, T, S] of grouped q [B, T, Hkv, G, D] and k [B, S, Hkv, D] where

@@ -42,13 +42,6 @@ def to_pallas_mask(mask: masks.Mask) -> pallas_masks.Mask:
     raise NotImplementedError(f"the pallas kernels take static mask specs, not {mask!r}")
 
 
-def to_pallas_normalizer(normalizer: normalizers.Normalizer):
-    if isinstance(normalizer, normalizers.Softplus):
-        return pallas_kernels.Softplus(reweight=normalizer.reweight, power=normalizer.power, offset=normalizer.offset,
-                                       offset_free_keys=normalizer.offset_free_keys)
-    return pallas_kernels.Softmax()
-
-
 def candidate_backends(platform: str, capability: tuple[int, int] | None, interpret: bool) -> tuple[str, ...]:
     """The pallas_kernels backends impl="pallas" tries, best first: Mosaic GPU then Triton on Hopper and later
     (Mosaic GPU is softmax on bfloat16/float16 only), Triton on other CUDA GPUs and in interpret mode, Mosaic TPU on
@@ -79,7 +72,7 @@ def choose_backend(request, *, interpret: bool = False) -> tuple[str | None, str
     for backend in candidate_backends(request.platform, request.compute_capability, interpret):
         try:
             plan(request.q_shape, request.k_shape, request.dtype, mask=mask, has_segments=request.has_segment_ids,
-                 normalizer=to_pallas_normalizer(request.normalizer), q_offset=request.q_offset,
+                 normalizer=request.normalizer, q_offset=request.q_offset,
                  return_lse=request.return_lse, backend=backend, interpret=interpret)
             return backend, None
         except (NotImplementedError, ValueError) as e:
@@ -102,5 +95,5 @@ def attention(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, 
     softplus = isinstance(normalizer, normalizers.Softplus)
     return pallas_kernels.flash_attention(
         q, k, v, mask=to_pallas_mask(mask), segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-        normalizer=to_pallas_normalizer(normalizer), scale=None if softplus else scale, q_offset=q_offset,
+        normalizer=normalizer, scale=None if softplus else scale, q_offset=q_offset,
         return_lse=return_lse, backend=backend, interpret=interpret)
