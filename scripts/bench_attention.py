@@ -46,7 +46,7 @@ def _median_ms(fn, args, iters: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _segments(case: attention_cases.Case):
+def segments_of(case: attention_cases.Case):
     if case.documents is None:
         return None
     ids, doc = [], 0
@@ -151,7 +151,7 @@ def main() -> None:
         case = cases[name]
         keys = jax.random.split(jax.random.key(0), 4)
         q, k, v, dout = (jax.random.normal(key, case_shape(case), jnp.bfloat16) for key in keys)
-        segments = _segments(case)
+        segments = segments_of(case)
         flops = 4 * case.heads * case.head_dim * _allowed_pairs(case, segments)
         for impl, attend in _implementations(case, backends, segments, args.xla_max_length).items():
             if isinstance(attend, str):
@@ -190,7 +190,7 @@ def _summaries(results, cases, backends):
                                 "want": f">= {target}"})
         for case in ("window1024_32k", "s2_strided_32k", "documents_32k"):
             if (case, impl, "fwd+bwd") in results and ("causal_32k", impl, "fwd+bwd") in results:
-                segments = _segments(cases[case])
+                segments = segments_of(cases[case])
                 density = (_visited_blocks(cases[case], backend, segments)
                            / _visited_blocks(cases["causal_32k"], backend, None))
                 ratio = results[case, impl, "fwd+bwd"] / (density * results["causal_32k", impl, "fwd+bwd"])

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import attention_cases  # noqa: E402
+from bench_attention import segments_of  # noqa: E402
 
 from pallas_kernels import flash_attention  # noqa: E402
 
@@ -46,13 +47,15 @@ def main() -> None:
     case = {c.name: c for c in attention_cases.CASES}[args.case]
     shape = (1, case.length, case.heads, case.head_dim)
     q, k, v, dout = (jax.random.normal(key, shape, jnp.bfloat16) for key in jax.random.split(jax.random.key(0), 4))
+    segment_ids = segments_of(case)
     for impl in args.impls.split(","):
         if impl == "cudnn":
             def attend(q, k, v):
                 return jax.nn.dot_product_attention(q, k, v, implementation="cudnn", **case.cudnn)
         else:
             def attend(q, k, v, backend=impl):
-                return flash_attention(q, k, v, mask=case.mask, normalizer=case.normalizer, backend=backend)
+                return flash_attention(q, k, v, mask=case.mask, segment_ids=segment_ids, normalizer=case.normalizer,
+                                       backend=backend)
         step = jax.jit(lambda q, k, v, dout, attend=attend: jax.vjp(attend, q, k, v)[1](dout))
         jax.block_until_ready(step(q, k, v, dout))
         with tempfile.TemporaryDirectory() as trace_dir:
