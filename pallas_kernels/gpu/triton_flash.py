@@ -245,7 +245,8 @@ def forward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_s
 
 
 def _probabilities(problem: Problem, qk, allowed, row, col_scale):
-    """Per block, from q·kᵀ [bq, bk]: (weights w, dweights → dscores). `row` holds the per-row statistics."""
+    """Per block, from q·kᵀ [bq, bk]: (weights w, dweights → the gradient of q·kᵀ). `row` holds the per-row
+    statistics."""
     if isinstance(problem.normalizer, normalizers.Softplus):
         scores = row["factor"][:, None] * qk * col_scale[None, :]
         softplus, sigmoid = block_math.softplus_and_sigmoid(scores)
@@ -257,7 +258,7 @@ def _probabilities(problem: Problem, qk, allowed, row, col_scale):
             ds = (dweights - row["delta"][:, None]) * row["inverse_row_sum"][:, None] * sigmoid
             if allowed is not None:
                 ds = jnp.where(allowed, ds, 0.0)
-            return ds * row["factor"][:, None] * col_scale[None, :], ds * scores
+            return ds * row["factor"][:, None] * col_scale[None, :]
         return weights, scores_grad
     scores = qk * (problem.scale * block_math.LOG2_E)
     if allowed is not None:
@@ -265,7 +266,7 @@ def _probabilities(problem: Problem, qk, allowed, row, col_scale):
     p = jnp.exp2(scores - row["lse2"][:, None])
 
     def scores_grad(dp):
-        return p * (dp - row["delta"][:, None]) * problem.scale, None
+        return p * (dp - row["delta"][:, None]) * problem.scale
     return p, scores_grad
 
 
@@ -291,7 +292,7 @@ def _dq_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
 
     def step(kv_block, partial, carry):
         def compute(carry, segmented):
-            dq, drow = carry
+            dq = carry
             span = pl.ds(kv_block * block_kv, block_kv)
             k, v = refs["k"][span, :], refs["v"][span, :]
             kv_seg = refs["kv_seg"][span] if segmented else None
@@ -301,18 +302,16 @@ def _dq_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
             qk = _dot(problem, q, k, trans_b=True)
             _, scores_grad = _probabilities(problem, qk, allowed, row,
                                             refs["col_scale"][span] if softplus else None)
-            dqk, ds_times_s = scores_grad(_dot(problem, dout, v, trans_b=True))
-            dq = dq + _dot(problem, dqk.astype(k.dtype), k)
-            if softplus:
-                drow = drow + jnp.sum(ds_times_s, axis=-1)
-            return dq, drow
+            dqk = scores_grad(_dot(problem, dout, v, trans_b=True))
+            return dq + _dot(problem, dqk.astype(k.dtype), k)
         return _by_segments(problem, q_bounds, _kv_bounds(refs, problem, kv_block), compute, carry)
 
-    dq, drow = _visit_lists(refs, layout, "row", batch, mask_head, index, step,
-                            (jnp.zeros((block_q, problem.head_dim), jnp.float32), jnp.zeros((block_q,), jnp.float32)))
+    dq = _visit_lists(refs, layout, "row", batch, mask_head, index, step,
+                      jnp.zeros((block_q, problem.head_dim), jnp.float32))
     refs["dq"][...] = dq.astype(refs["dq"].dtype)
     if softplus:
-        refs["drow"][...] = drow / refs["row_scale"][...]
+        # likewise d/dr_i of s_ij = c_i r_i (q_i·k_j) u_j summed over j is (q_i · dq_i) / r_i.
+        refs["drow"][...] = jnp.sum(q.astype(jnp.float32) * dq, axis=-1) / refs["row_scale"][...]
 
 
 def _dkdv_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
@@ -331,7 +330,7 @@ def _dkdv_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
 
         def step(q_block, partial, carry):
             def compute(carry, segmented):
-                dk, dv, dcol = carry
+                dk, dv = carry
                 q_span = pl.ds(q_block * block_q, block_q)
                 q, dout = refs["q"][q_span, g, :], refs["dout"][q_span, g, :]
                 q_seg = refs["q_seg"][q_span] if segmented else None
@@ -345,11 +344,9 @@ def _dkdv_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
                 qk = _dot(problem, q, k, trans_b=True)
                 weights, scores_grad = _probabilities(problem, qk, allowed, row, col_scale)
                 dv = dv + _dot(problem, weights.astype(dout.dtype), dout, trans_a=True)
-                dqk, ds_times_s = scores_grad(_dot(problem, dout, v, trans_b=True))
+                dqk = scores_grad(_dot(problem, dout, v, trans_b=True))
                 dk = dk + _dot(problem, dqk.astype(q.dtype), q, trans_a=True)
-                if softplus:
-                    dcol = dcol + jnp.sum(ds_times_s, axis=0)
-                return dk, dv, dcol
+                return dk, dv
 
             q_bounds = (refs["q_seg_min"][q_block], refs["q_seg_max"][q_block]) if problem.has_segments else None
             return _by_segments(problem, q_bounds, kv_bounds, compute, carry)
@@ -357,11 +354,12 @@ def _dkdv_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
         return _visit_lists(refs, layout, "col", batch, mask_head, index, step, carry)
 
     zeros = jnp.zeros((block_kv, problem.head_dim), jnp.float32)
-    dk, dv, dcol = jax.lax.fori_loop(0, problem.group, head_step, (zeros, zeros, jnp.zeros((block_kv,), jnp.float32)))
+    dk, dv = jax.lax.fori_loop(0, problem.group, head_step, (zeros, zeros))
     refs["dk"][...] = dk.astype(refs["dk"].dtype)
     refs["dv"][...] = dv.astype(refs["dv"].dtype)
     if softplus:
-        refs["dcol"][...] = dcol / col_scale
+        # d/du_j of s_ij = f_i (q_i·k_j) u_j summed over i is (k_j · dk_j) / u_j: one reduction per program.
+        refs["dcol"][...] = jnp.sum(k.astype(jnp.float32) * dk, axis=-1) / col_scale
 
 
 def backward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids, stats, delta, dout):
