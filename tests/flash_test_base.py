@@ -73,6 +73,7 @@ class FlashAttentionTests:
     low_precision_dtypes = (jnp.bfloat16, jnp.float16)
     head_dims = (64, 128, 256)
     supports_softplus = True
+    supports_reweight = False
     dtype = jnp.float32  # inputs of every test but test_low_precision
 
     @property
@@ -147,6 +148,14 @@ class FlashAttentionTests:
         self.check(q, k, v, mask=masks.Causal(), normalizer="softplus")
         self.check(q, k, v, mask=masks.SlidingWindow(70), normalizer="softplus", segment_ids=_packed_segments(2, 256))
 
+    def test_softplus_reweighted(self):
+        if not self.supports_reweight:
+            pytest.skip(f"{self.backend} has no softplus re-weighting")
+        q, k, v = _inputs(B=2, dtype=self.dtype)
+        normalizer = Softplus(reweight=True)
+        self.check(q, k, v, mask=masks.Causal(), normalizer=normalizer)
+        self.check(q, k, v, mask=masks.SlidingWindow(70), normalizer=normalizer, segment_ids=_packed_segments(2, 256))
+
     def test_empty_blocks_are_never_read(self):
         """NaN in every key/value block nobody may see, and in every query block that sees nothing: a kernel that
         loaded any of them into a product would return NaN (0 · NaN); the forward, dQ and dK/dV stay finite."""
@@ -169,7 +178,8 @@ class FlashAttentionTests:
 
     def test_rejects_what_it_cannot_serve(self):
         q, k, v = _inputs(dtype=self.dtype)
-        with pytest.raises(NotImplementedError, match="reweight"):
-            self.attend(q, k, v, normalizer=Softplus(reweight=True))
+        if not self.supports_reweight:
+            with pytest.raises(NotImplementedError, match="reweight"):
+                self.attend(q, k, v, normalizer=Softplus(reweight=True))
         with pytest.raises(ValueError, match="block sizes must divide"):
             self.attend(q[:, :200], k[:, :200], v[:, :200], block_sizes=BlockSizes(64, 64, 64, 64, 64, 64))

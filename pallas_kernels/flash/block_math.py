@@ -94,7 +94,29 @@ def softplus_row_factor(num_keys, row_scale, head_dim: int):
     return math.log(head_dim) * jnp.log(jnp.maximum(num_keys, 1.0)) * row_scale
 
 
+def _offset(normalizer: normalizers.Softplus, num_keys):
+    return jnp.where(num_keys <= normalizer.offset_free_keys, 0.0, normalizer.offset)
+
+
+def reweight_peak(normalizer: normalizers.Softplus, num_keys, row_sum, largest):
+    """P_i = relu(N_i · max_j softplus_ij / L_i − O_i), the largest excess of the row (0 when L_i = 0)."""
+    inverse = 1.0 / jnp.where(row_sum > 0, row_sum, 1.0)
+    return jnp.maximum(num_keys * largest * inverse - _offset(normalizer, num_keys), 0.0)
+
+
+def reweighted(normalizer: normalizers.Softplus, softplus, num_keys, row_sum, peak):
+    """Re-weighting's unnormalised weights and excesses from softplus_ij [bq, bk] (0 where masked) and the row's
+    N_i, L_i, P_i [bq, 1]: e_ij = relu(N_i softplus_ij / L_i − O_i) and g_ij = (e_ij / P_i)^p on rows with P_i > 0,
+    softplus_ij on the others (which keep the LSSA weights)."""
+    inverse = 1.0 / jnp.where(row_sum > 0, row_sum, 1.0)
+    excess = jnp.maximum(num_keys * softplus * inverse - _offset(normalizer, num_keys), 0.0)
+    ratio = excess / jnp.where(peak > 0, peak, 1.0)
+    sharpened = jnp.where(ratio > 0, jnp.exp2(normalizer.power * jnp.log2(jnp.where(ratio > 0, ratio, 1.0))), 0.0)
+    return jnp.where(peak > 0, sharpened, softplus), excess
+
+
 def check_normalizer(normalizer) -> str | None:
+    """Why a backend without re-weighting cannot serve `normalizer` (the Triton kernels have it), or None."""
     if isinstance(normalizer, normalizers.Softplus) and normalizer.reweight:
-        return "the softplus normaliser's re-weighting (reweight=True) is not in the kernels yet"
+        return "the softplus normaliser's re-weighting (reweight=True) is in the triton kernels only"
     return None

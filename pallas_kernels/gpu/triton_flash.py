@@ -39,7 +39,7 @@ def unsupported_reason(problem: Problem) -> str | None:
     for name, value in vars(problem.block_sizes).items():
         if value < 16 or value & (value - 1):
             return f"block sizes must be powers of two >= 16, got {name}={value}"
-    return block_math.check_normalizer(problem.normalizer)
+    return None
 
 
 def _whole(array):
@@ -137,10 +137,27 @@ def _forward_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
     q_seg = refs["q_seg"][...] if problem.has_segments else None
     q_bounds = (jnp.min(q_seg), jnp.max(q_seg)) if problem.has_segments else None
     softplus = isinstance(problem.normalizer, normalizers.Softplus)
+    reweight = softplus and problem.normalizer.reweight
     if softplus:
         num_keys = _softplus_num_keys(refs, problem, block_q, block_kv, batch, mask_head, index, head, q_start,
                                       q_seg, q_bounds)
         row_factor = block_math.softplus_row_factor(num_keys, refs["row_scale"][...], problem.head_dim)
+
+    def sums(kv_block, partial, carry):
+        """Re-weighting's first pass: Σ_j softplus(s_ij) and max_j softplus(s_ij) of each row."""
+        def compute(carry, segmented):
+            row_sum, largest = carry
+            span = pl.ds(kv_block * block_kv, block_kv)
+            kv_seg = refs["kv_seg"][span] if segmented else None
+            allowed = block_math.block_allowed(problem.mask, q_start, kv_block * block_kv, block_q, block_kv, head,
+                                               partial=partial, q_segment_ids=q_seg if segmented else None,
+                                               kv_segment_ids=kv_seg)
+            qk = _dot(problem, q, refs["k"][span, :], trans_b=True)
+            weights = block_math.softplus(row_factor[:, None] * qk * refs["col_scale"][span][None, :])
+            if allowed is not None:
+                weights = jnp.where(allowed, weights, 0.0)
+            return row_sum + jnp.sum(weights, axis=-1), jnp.maximum(largest, jnp.max(weights, axis=-1))
+        return _by_segments(problem, q_bounds, _kv_bounds(refs, problem, kv_block), compute, carry)
 
     def step(kv_block, partial, carry):
         def compute(carry, segmented):
@@ -157,6 +174,9 @@ def _forward_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
                 weights = block_math.softplus(scores)
                 if allowed is not None:
                     weights = jnp.where(allowed, weights, 0.0)
+                if reweight:  # the second pass, on the first's row sums and peaks
+                    weights = block_math.reweighted(problem.normalizer, weights, num_keys[:, None], row_sum_a[:, None],
+                                                    peak[:, None])[0]
                 return acc + _dot(problem, weights.astype(v.dtype), v), row_sum + jnp.sum(weights, axis=-1)
             acc, m, l = carry
             scores = qk * (problem.scale * block_math.LOG2_E)
@@ -167,7 +187,15 @@ def _forward_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
         return _by_segments(problem, q_bounds, _kv_bounds(refs, problem, kv_block), compute, carry)
 
     acc = jnp.zeros((block_q, problem.head_dim), jnp.float32)
-    if softplus:
+    if reweight:
+        zeros = jnp.zeros((block_q,), jnp.float32)
+        layout = problem.forward_layout
+        row_sum_a, largest = _visit_lists(refs, layout, "row", batch, mask_head, index, sums, (zeros, zeros))
+        peak = block_math.reweight_peak(problem.normalizer, num_keys, row_sum_a, largest)
+        acc, row_sum = _visit_lists(refs, layout, "row", batch, mask_head, index, step, (acc, zeros))
+        refs["num_keys"][...], refs["row_sum"][...] = num_keys, row_sum_a
+        refs["peak"][...], refs["weight_sum"][...] = peak, row_sum
+    elif softplus:
         acc, row_sum = _visit_lists(refs, problem.forward_layout, "row", batch, mask_head, index, step,
                                     (acc, jnp.zeros((block_q,), jnp.float32)))
         refs["num_keys"][...] = num_keys
@@ -219,6 +247,17 @@ def _common_inputs(problem: Problem, q, k, v, row_scale, col_scale, q_segment_id
     return inputs
 
 
+def _stat_names(problem: Problem, backward: bool = False) -> tuple[str, ...]:
+    """The per-row statistics the forward saves: lse; softplus N_i and L_i = Σ_j softplus(s_ij); with re-weighting
+    also the peak excess P_i and the sum of the re-weighted weights, and for the dK/dV kernel (`backward`) the dQ
+    kernel's Σ_j de_ij softplus_ij."""
+    if not isinstance(problem.normalizer, normalizers.Softplus):
+        return ("lse",)
+    if problem.normalizer.reweight:
+        return ("num_keys", "row_sum", "peak", "weight_sum") + (("excess_sum",) if backward else ())
+    return ("num_keys", "row_sum")
+
+
 def forward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids):
     B, T, Hq, D = q.shape
     block_q, block_kv = problem.block_sizes.block_q, problem.block_sizes.block_kv
@@ -235,7 +274,7 @@ def forward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_s
     for name, array in inputs.items():
         specs.setdefault(name, _whole(array))
     stat = jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)
-    stat_names = ("num_keys", "row_sum") if softplus else ("lse",)
+    stat_names = _stat_names(problem)
     outputs = {"out": jax.ShapeDtypeStruct(q.shape, q.dtype), **{n: stat for n in stat_names}}
     out_specs = {"out": specs["q"], **{n: specs["stat"] for n in stat_names}}
     kernel = functools.partial(_forward_kernel, problem=problem, block_q=block_q, block_kv=block_kv)
@@ -245,36 +284,66 @@ def forward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_s
 
 
 def _probabilities(problem: Problem, qk, allowed, row, col_scale):
-    """Per block, from q·kᵀ [bq, bk]: (weights w, dweights → the gradient of q·kᵀ). `row` holds the per-row
-    statistics."""
+    """Per block, from q·kᵀ [bq, bk]: (weights w, dweights → the gradient of q·kᵀ, dweights → the row sums
+    Σ_j de_ij softplus_ij of re-weighting). `row` holds the per-row statistics, each [bq, 1]."""
     if isinstance(problem.normalizer, normalizers.Softplus):
-        scores = row["factor"][:, None] * qk * col_scale[None, :]
+        scores = row["factor"] * qk * col_scale[None, :]
         softplus, sigmoid = block_math.softplus_and_sigmoid(scores)
-        weights = softplus * row["inverse_row_sum"][:, None]
         if allowed is not None:
-            weights = jnp.where(allowed, weights, 0.0)
+            softplus = jnp.where(allowed, softplus, 0.0)
+        if problem.normalizer.reweight:
+            weights, excess = block_math.reweighted(problem.normalizer, softplus, row["num_keys"], row["row_sum"],
+                                                    row["peak"])
+            weights = weights * row["inverse_weight_sum"]
+
+            def excess_grad(dweights):  # d loss / d excess_ij where the row is sharpened (peak > 0)
+                dsharpened = (dweights - row["delta"]) * row["inverse_weight_sum"]
+                return jnp.where(excess > 0, dsharpened * problem.normalizer.power * weights
+                                 / (row["inverse_weight_sum"] * jnp.where(excess > 0, excess, 1.0)), 0.0)
+
+            def softplus_grad(dweights):
+                n_over_l = row["num_keys"] * row["inverse_row_sum"]
+                sharpened = excess_grad(dweights) * n_over_l - n_over_l * row["inverse_row_sum"] * row["excess_sum"]
+                return jnp.where(row["peak"] > 0, sharpened, (dweights - row["delta"]) * row["inverse_weight_sum"])
+
+            def excess_sum(dweights):
+                return jnp.sum(excess_grad(dweights) * softplus, axis=-1)
+        else:
+            weights = softplus * row["inverse_row_sum"]
+            excess_sum = None
+
+            def softplus_grad(dweights):
+                return (dweights - row["delta"]) * row["inverse_row_sum"]
 
         def scores_grad(dweights):
-            ds = (dweights - row["delta"][:, None]) * row["inverse_row_sum"][:, None] * sigmoid
+            ds = softplus_grad(dweights) * sigmoid
             if allowed is not None:
                 ds = jnp.where(allowed, ds, 0.0)
-            return ds * row["factor"][:, None] * col_scale[None, :]
-        return weights, scores_grad
+            return ds * row["factor"] * col_scale[None, :]
+        return weights, scores_grad, excess_sum
     scores = qk * (problem.scale * block_math.LOG2_E)
     if allowed is not None:
         scores = jnp.where(allowed, scores, -jnp.inf)
-    p = jnp.exp2(scores - row["lse2"][:, None])
+    p = jnp.exp2(scores - row["lse2"])
 
     def scores_grad(dp):
-        return p * (dp - row["delta"][:, None]) * problem.scale
-    return p, scores_grad
+        return p * (dp - row["delta"]) * problem.scale
+    return p, scores_grad, None
 
 
-def _row_statistics(problem: Problem, num_keys, row_sum, lse, delta, row_scale):
-    if isinstance(problem.normalizer, normalizers.Softplus):
-        return {"factor": block_math.softplus_row_factor(num_keys, row_scale, problem.head_dim),
-                "inverse_row_sum": 1.0 / jnp.where(row_sum > 0, row_sum, 1.0), "delta": delta}
-    return {"lse2": block_math.backward_lse2(lse), "delta": delta}
+def _row_statistics(problem: Problem, stats: dict, delta, row_scale):
+    """The per-row values the backward kernels use, as [rows, 1] columns."""
+    if not isinstance(problem.normalizer, normalizers.Softplus):
+        return {"lse2": block_math.backward_lse2(stats["lse"])[:, None], "delta": delta[:, None]}
+    row = {"factor": block_math.softplus_row_factor(stats["num_keys"], row_scale, problem.head_dim),
+           "num_keys": stats["num_keys"], "row_sum": stats["row_sum"], "delta": delta,
+           "inverse_row_sum": 1.0 / jnp.where(stats["row_sum"] > 0, stats["row_sum"], 1.0)}
+    if problem.normalizer.reweight:
+        row.update(peak=stats["peak"], inverse_weight_sum=1.0 / jnp.where(stats["weight_sum"] > 0,
+                                                                            stats["weight_sum"], 1.0))
+        if "excess_sum" in stats:
+            row["excess_sum"] = stats["excess_sum"]
+    return {name: value[:, None] for name, value in row.items()}
 
 
 def _dq_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
@@ -286,13 +355,13 @@ def _dq_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
     q_start = problem.q_offset + index * block_q
     q_seg = refs["q_seg"][...] if problem.has_segments else None
     q_bounds = (jnp.min(q_seg), jnp.max(q_seg)) if problem.has_segments else None
-    row = _row_statistics(problem, refs["num_keys"][...] if softplus else None,
-                          refs["row_sum"][...] if softplus else None, None if softplus else refs["lse"][...],
-                          refs["delta"][...], refs["row_scale"][...] if softplus else None)
+    stats = {name: refs[name][...] for name in _stat_names(problem)}
+    row_scale = refs["row_scale"][...] if softplus else None
+    reweight = softplus and problem.normalizer.reweight
 
-    def step(kv_block, partial, carry):
+    def step(kv_block, partial, carry, first_pass=False):
+        """Accumulates dQ; with re-weighting, a first pass sums Σ_j de_ij softplus_ij per row instead."""
         def compute(carry, segmented):
-            dq = carry
             span = pl.ds(kv_block * block_kv, block_kv)
             k, v = refs["k"][span, :], refs["v"][span, :]
             kv_seg = refs["kv_seg"][span] if segmented else None
@@ -300,12 +369,20 @@ def _dq_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
                                                partial=partial, q_segment_ids=q_seg if segmented else None,
                                                kv_segment_ids=kv_seg)
             qk = _dot(problem, q, k, trans_b=True)
-            _, scores_grad = _probabilities(problem, qk, allowed, row,
-                                            refs["col_scale"][span] if softplus else None)
-            dqk = scores_grad(_dot(problem, dout, v, trans_b=True))
-            return dq + _dot(problem, dqk.astype(k.dtype), k)
+            _, scores_grad, excess_sum = _probabilities(problem, qk, allowed, row,
+                                                        refs["col_scale"][span] if softplus else None)
+            dweights = _dot(problem, dout, v, trans_b=True)
+            if first_pass:
+                return carry + excess_sum(dweights)
+            return carry + _dot(problem, scores_grad(dweights).astype(k.dtype), k)
         return _by_segments(problem, q_bounds, _kv_bounds(refs, problem, kv_block), compute, carry)
 
+    if reweight:
+        row = _row_statistics(problem, stats, refs["delta"][...], row_scale)
+        stats["excess_sum"] = _visit_lists(refs, layout, "row", batch, mask_head, index,
+                                           functools.partial(step, first_pass=True), jnp.zeros((block_q,), jnp.float32))
+        refs["excess_sum"][...] = stats["excess_sum"]
+    row = _row_statistics(problem, stats, refs["delta"][...], row_scale)
     dq = _visit_lists(refs, layout, "row", batch, mask_head, index, step,
                       jnp.zeros((block_q, problem.head_dim), jnp.float32))
     refs["dq"][...] = dq.astype(refs["dq"].dtype)
@@ -337,12 +414,11 @@ def _dkdv_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
                 allowed = block_math.block_allowed(problem.mask, problem.q_offset + q_block * block_q, kv_start,
                                                    block_q, block_kv, head, partial=partial, q_segment_ids=q_seg,
                                                    kv_segment_ids=kv_seg if segmented else None)
-                stat = {name: refs[name][g, q_span] for name in ("num_keys", "row_sum", "lse", "delta", "row_scale")
-                        if name in refs}
-                row = _row_statistics(problem, stat.get("num_keys"), stat.get("row_sum"), stat.get("lse"),
-                                      stat["delta"], stat.get("row_scale"))
+                stats = {name: refs[name][g, q_span] for name in _stat_names(problem, backward=True)}
+                row = _row_statistics(problem, stats, refs["delta"][g, q_span],
+                                      refs["row_scale"][g, q_span] if softplus else None)
                 qk = _dot(problem, q, k, trans_b=True)
-                weights, scores_grad = _probabilities(problem, qk, allowed, row, col_scale)
+                weights, scores_grad, _ = _probabilities(problem, qk, allowed, row, col_scale)
                 dv = dv + _dot(problem, weights.astype(dout.dtype), dout, trans_a=True)
                 dqk = scores_grad(_dot(problem, dout, v, trans_b=True))
                 dk = dk + _dot(problem, dqk.astype(q.dtype), q, trans_a=True)
@@ -366,7 +442,7 @@ def backward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_
     B, T, Hq, D = q.shape
     S, Hkv, G = k.shape[1], k.shape[2], problem.group
     softplus = isinstance(problem.normalizer, normalizers.Softplus)
-    stat_names = ("num_keys", "row_sum") if softplus else ("lse",)
+    stat_names = _stat_names(problem)
     sizes = problem.block_sizes
 
     # dQ: row-major over query blocks.
@@ -381,17 +457,23 @@ def backward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_
     specs.update({n: _batch_row(inputs[n]) for n in ("kv_seg_min", "kv_seg_max") if n in inputs})
     for name, array in inputs.items():
         specs.setdefault(name, _whole(array))
+    row_stat = jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)
     outputs = {"dq": jax.ShapeDtypeStruct(q.shape, jnp.float32)}
-    out_specs = {"dq": specs["q"], "drow": specs["stat"]}
     if softplus:
-        outputs["drow"] = jax.ShapeDtypeStruct((B, Hq, T), jnp.float32)
+        outputs["drow"] = row_stat
+    if "excess_sum" in _stat_names(problem, backward=True):
+        outputs["excess_sum"] = row_stat
+    out_specs = {"dq": specs["q"], "drow": specs["stat"], "excess_sum": specs["stat"]}
     kernel = functools.partial(_dq_kernel, problem=problem, block_q=block_q, block_kv=block_kv)
-    dq, *drow = _pallas(kernel, problem, "flash_backward_dq", (T // block_q, B, Hq), inputs, specs, outputs,
-                        out_specs, block_q, block_kv)
+    dq_outputs = dict(zip(outputs, _pallas(kernel, problem, "flash_backward_dq", (T // block_q, B, Hq), inputs, specs,
+                                           outputs, out_specs, block_q, block_kv)))
+    dq = dq_outputs["dq"]
 
     # dK, dV: column-major over key blocks, one program per kv head looping over its group of query heads.
     block_q, block_kv = sizes.block_q_dkv, sizes.block_kv_dkv
     inputs = {"q": q, "k": k, "v": v, "dout": dout, "delta": delta, **dict(zip(stat_names, stats))}
+    if "excess_sum" in dq_outputs:
+        inputs["excess_sum"] = dq_outputs["excess_sum"]
     specs = {
         "q": pl.BlockSpec((None, T, G, D), lambda j, b, h: (b, 0, h, 0)),
         "k": pl.BlockSpec((None, block_kv, None, D), lambda j, b, h: (b, j, h, 0)),
@@ -403,7 +485,7 @@ def backward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_
         inputs.update(row_scale=row_scale, col_scale=col_scale)
         specs["row_scale"] = specs["stat"]
         specs["col_scale"] = pl.BlockSpec((None, None, block_kv), lambda j, b, h: (b, h, j))
-    for name in ("delta", *stat_names):
+    for name in ("delta", *_stat_names(problem, backward=True)):
         specs[name] = specs["stat"]
     if problem.has_segments:
         q_min, q_max = segments.block_bounds(q_segment_ids, block_q)
@@ -424,5 +506,5 @@ def backward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_
     kernel = functools.partial(_dkdv_kernel, problem=problem, block_q=block_q, block_kv=block_kv)
     dk, dv, *dcol = _pallas(kernel, problem, "flash_backward_dkdv", (S // block_kv, B, Hkv), inputs, specs, outputs,
                             out_specs, block_q, block_kv)
-    return (dq.astype(q.dtype), dk, dv, drow[0] if softplus else None, dcol[0] if softplus else None)
+    return dq.astype(q.dtype), dk, dv, dq_outputs.get("drow"), dcol[0] if softplus else None
 

@@ -39,7 +39,8 @@ def _loss(impl, return_lse, **kwargs):
     dict(mask=masks.SinksAndWindow(4, 20)),
     dict(mask=masks.Distant(30) | masks.SlidingWindow(8)),
     dict(mask=masks.Causal(), segment_ids=SEGMENTS, normalizer="softplus"),
-], ids=["causal", "window_packed", "sinks_window", "union", "softplus_packed"])
+    dict(mask=masks.SlidingWindow(40), segment_ids=SEGMENTS, normalizer=normalizers.Softplus(reweight=True)),
+], ids=["causal", "window_packed", "sinks_window", "union", "softplus_packed", "softplus_reweighted_packed"])
 def test_pallas_matches_reference(case):
     q, k, v = _qkv()
     return_lse = case.get("normalizer", "softmax") == "softmax"
@@ -62,7 +63,6 @@ def test_pallas_matches_reference(case):
     (dict(mask=masks.SinksAndWindow(4, 20), segment_ids=SEGMENTS),
      r"with segment ids longctx evaluates a mask that is not relative on positions within each document"),
     (dict(alibi_slopes=np.ones(4, np.float32)), r"add no ALiBi bias"),
-    (dict(normalizer=normalizers.Softplus(reweight=True)), r"re-weighting \(reweight=True\) is not in the kernels"),
     (dict(q=_qkv(T=100, S=100)[0], k=_qkv(T=100, S=100)[1], v=_qkv(T=100, S=100)[2]), r"block sizes"),
 ])
 def test_pallas_refuses_before_any_work(changes, match):
