@@ -108,6 +108,22 @@ def _kv_bounds(refs, problem: Problem, kv_block):
     return (refs["kv_seg_min"][kv_block], refs["kv_seg_max"][kv_block]) if problem.has_segments else None
 
 
+def _row_block_allowed(refs, problem: Problem, q_start, q_seg, kv_block, block_q: int, block_kv: int, head, *,
+                       partial: bool, segmented: bool):
+    """What the query block at q_start may see of key block kv_block (None when everything): the mask on partial
+    blocks, the segment ids when `segmented`."""
+    kv_seg = refs["kv_seg"][pl.ds(kv_block * block_kv, block_kv)] if segmented else None
+    return block_math.block_allowed(problem.mask, q_start, kv_block * block_kv, block_q, block_kv, head,
+                                    partial=partial, q_segment_ids=q_seg if segmented else None,
+                                    kv_segment_ids=kv_seg)
+
+
+def _softplus_block(qk, row_factor, col_scale, allowed):
+    """softplus(f_i · (q_i·k_j) · u_j) of a block, 0 where not allowed."""
+    weights = block_math.softplus(row_factor[:, None] * qk * col_scale[None, :])
+    return weights if allowed is None else jnp.where(allowed, weights, 0.0)
+
+
 def _softplus_num_keys(refs, problem: Problem, block_q, block_kv, batch, mask_head, index, head, q_start, q_seg,
                        q_bounds):
     """N_i of each query row in the block: from the layout without segment ids, else counted block by block."""
@@ -116,10 +132,8 @@ def _softplus_num_keys(refs, problem: Problem, block_q, block_kv, batch, mask_he
 
     def count(kv_block, partial, total):
         def compute(total, segmented):
-            kv_seg = refs["kv_seg"][pl.ds(kv_block * block_kv, block_kv)] if segmented else None
-            allowed = block_math.block_allowed(problem.mask, q_start, kv_block * block_kv, block_q, block_kv, head,
-                                               partial=partial, q_segment_ids=q_seg if segmented else None,
-                                               kv_segment_ids=kv_seg)
+            allowed = _row_block_allowed(refs, problem, q_start, q_seg, kv_block, block_q, block_kv, head,
+                                         partial=partial, segmented=segmented)
             if allowed is None:
                 return total + block_kv
             return total + jnp.sum(allowed.astype(jnp.float32), axis=-1)
@@ -148,14 +162,10 @@ def _forward_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
         def compute(carry, segmented):
             row_sum, largest = carry
             span = pl.ds(kv_block * block_kv, block_kv)
-            kv_seg = refs["kv_seg"][span] if segmented else None
-            allowed = block_math.block_allowed(problem.mask, q_start, kv_block * block_kv, block_q, block_kv, head,
-                                               partial=partial, q_segment_ids=q_seg if segmented else None,
-                                               kv_segment_ids=kv_seg)
+            allowed = _row_block_allowed(refs, problem, q_start, q_seg, kv_block, block_q, block_kv, head,
+                                         partial=partial, segmented=segmented)
             qk = _dot(problem, q, refs["k"][span, :], trans_b=True)
-            weights = block_math.softplus(row_factor[:, None] * qk * refs["col_scale"][span][None, :])
-            if allowed is not None:
-                weights = jnp.where(allowed, weights, 0.0)
+            weights = _softplus_block(qk, row_factor, refs["col_scale"][span], allowed)
             return row_sum + jnp.sum(weights, axis=-1), jnp.maximum(largest, jnp.max(weights, axis=-1))
         return _by_segments(problem, q_bounds, _kv_bounds(refs, problem, kv_block), compute, carry)
 
@@ -163,17 +173,12 @@ def _forward_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
         def compute(carry, segmented):
             span = pl.ds(kv_block * block_kv, block_kv)
             k, v = refs["k"][span, :], refs["v"][span, :]
-            kv_seg = refs["kv_seg"][span] if segmented else None
-            allowed = block_math.block_allowed(problem.mask, q_start, kv_block * block_kv, block_q, block_kv, head,
-                                               partial=partial, q_segment_ids=q_seg if segmented else None,
-                                               kv_segment_ids=kv_seg)
+            allowed = _row_block_allowed(refs, problem, q_start, q_seg, kv_block, block_q, block_kv, head,
+                                         partial=partial, segmented=segmented)
             qk = _dot(problem, q, k, trans_b=True)
             if softplus:
                 acc, row_sum = carry
-                scores = row_factor[:, None] * qk * refs["col_scale"][span][None, :]
-                weights = block_math.softplus(scores)
-                if allowed is not None:
-                    weights = jnp.where(allowed, weights, 0.0)
+                weights = _softplus_block(qk, row_factor, refs["col_scale"][span], allowed)
                 if reweight:  # the second pass, on the first's row sums and peaks
                     weights = block_math.reweighted(problem.normalizer, weights, num_keys[:, None], row_sum_a[:, None],
                                                     peak[:, None])[0]
@@ -364,10 +369,8 @@ def _dq_kernel(refs, *, problem: Problem, block_q: int, block_kv: int):
         def compute(carry, segmented):
             span = pl.ds(kv_block * block_kv, block_kv)
             k, v = refs["k"][span, :], refs["v"][span, :]
-            kv_seg = refs["kv_seg"][span] if segmented else None
-            allowed = block_math.block_allowed(problem.mask, q_start, kv_block * block_kv, block_q, block_kv, head,
-                                               partial=partial, q_segment_ids=q_seg if segmented else None,
-                                               kv_segment_ids=kv_seg)
+            allowed = _row_block_allowed(refs, problem, q_start, q_seg, kv_block, block_q, block_kv, head,
+                                         partial=partial, segmented=segmented)
             qk = _dot(problem, q, k, trans_b=True)
             _, scores_grad, excess_sum = _probabilities(problem, qk, allowed, row,
                                                         refs["col_scale"][span] if softplus else None)
