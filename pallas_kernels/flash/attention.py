@@ -96,7 +96,8 @@ class Problem:
 class Backend(Protocol):
     """What a backend module provides. Arrays: q [B, T, Hq, D], k/v [B, S, Hkv, D]; row_scale [B, Hq, T] and
     col_scale [B, Hkv, S] float32 (softplus only, else None); segment ids [B, T] / [B, S] int32 or None; stats a tuple
-    of float32 [B, Hq, T] (softmax: (lse,); softplus: (num_keys, row_sum)); delta [B, Hq, T] float32."""
+    of float32 [B, Hq, T] (softmax: (lse,); softplus: (num_keys, row_sum, ...) — the first two fixed,
+    the rest the backend's own); delta [B, Hq, T] float32."""
 
     def default_block_sizes(self, problem: Problem) -> BlockSizes: ...
 
