@@ -6,10 +6,10 @@ TPUs (Mosaic TPU). Standalone: imports jax and numpy, never longctx.
 """
 
 from pallas_kernels import masks
-from pallas_kernels.flash.attention import BlockSizes, flash_attention
+from pallas_kernels.flash.attention import BlockSizes, flash_attention, flash_attention_backward
 from pallas_kernels.flash.layout import BlockLayout, block_layout
 from pallas_kernels.flash.normalizers import Softmax, Softplus
 from pallas_kernels.reference import reference_attention
 
-__all__ = ["BlockLayout", "BlockSizes", "Softmax", "Softplus", "block_layout", "flash_attention", "masks",
+__all__ = ["BlockLayout", "BlockSizes", "Softmax", "Softplus", "block_layout", "flash_attention", "flash_attention_backward", "masks",
            "reference_attention"]

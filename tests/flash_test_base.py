@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import BlockSizes, Softplus, flash_attention, masks, reference_attention
+from pallas_kernels import BlockSizes, Softplus, flash_attention, flash_attention_backward, masks, reference_attention
 
 F32_TOLERANCE = 5e-5  # float32 kernels against the float32 oracle (interpret mode computes exactly in float32)
 LOW_TOLERANCE = {jnp.bfloat16: 3e-2, jnp.float16: 5e-3}  # inputs rounded to the dtype, products accumulated in f32
@@ -175,6 +175,27 @@ class FlashAttentionTests:
         for name, grad, rows in (("dq", grads[0], slice(0, 128)), ("dk", grads[1], slice(128, 256)),
                                  ("dv", grads[2], slice(128, 256))):
             assert np.all(np.isfinite(np.asarray(grad[:, rows]))), f"{name} read an empty block"
+
+    @pytest.mark.parametrize("mask_name", ["causal", "sliding_window"])
+    def test_backward_with_the_statistics_of_more_keys(self, mask_name):
+        """Keys split in two shards, as ring attention splits them: each shard's backward with the out and lse of
+        attention over both gives its share of the full gradient (dq summed, dk/dv concatenated)."""
+        q, k, v = _inputs(B=2, T=128, S=256, dtype=self.dtype)
+        mask, segment_ids = MASKS[mask_name], _packed_segments(2, 256)
+        full = dict(mask=mask, segment_ids=segment_ids[:, 128:], kv_segment_ids=segment_ids, q_offset=128)
+        (out, lse), vjp = jax.vjp(lambda *a: reference_attention(*a, return_lse=True, **full), q, k, v)
+        dout = jax.random.normal(jax.random.key(3), out.shape, jnp.float32).astype(self.dtype)
+        expected = vjp((dout, jnp.zeros_like(lse)))
+        shards = [flash_attention_backward(
+            q, k[:, s], v[:, s], out, lse, dout, mask=mask, segment_ids=segment_ids[:, 128:],
+            kv_segment_ids=segment_ids[:, s], q_offset=offset, backend=self.backend, interpret=self.interpret,
+            block_sizes=self.block_sizes) for s, offset in ((slice(0, 128), 128), (slice(128, 256), 0))]
+        ours = (shards[0][0].astype(jnp.float32) + shards[1][0].astype(jnp.float32),
+                jnp.concatenate([shards[0][1], shards[1][1]], 1), jnp.concatenate([shards[0][2], shards[1][2]], 1))
+        for name, a, b in zip("dq dk dv".split(), ours, expected):
+            scale = max(1.0, float(jnp.max(jnp.abs(b.astype(jnp.float32)))))
+            np.testing.assert_allclose(np.asarray(a, np.float32) / scale, np.asarray(b, np.float32) / scale,
+                                       atol=self.tolerance, rtol=self.tolerance, err_msg=name)
 
     def test_rejects_what_it_cannot_serve(self):
         q, k, v = _inputs(dtype=self.dtype)

@@ -108,11 +108,11 @@ def attention_mask(mask: masks.Mask, T: int, S: int, *, q_offset: int | jax.Arra
     same_segment = q_seg == kv_seg
     if not mask.relative:
         first_key = jnp.min(jnp.where(same_segment, kv_idx, S), axis=-1, keepdims=True)  # [B, T, 1]; S if none
-        q_idx, kv_idx = q_idx - first_key, kv_idx - _run_starts(kv_segment_ids)[:, None, :]
+        q_idx, kv_idx = q_idx - first_key, kv_idx - run_starts(kv_segment_ids)[:, None, :]
     return mask(q_idx, kv_idx) & same_segment & (q_seg != 0)
 
 
-def _run_starts(segment_ids: jax.Array) -> jax.Array:
+def run_starts(segment_ids: jax.Array) -> jax.Array:
     """[B, S] int ids → int32 [B, S]: the index where each key's run of equal ids begins, in O(S)."""
     S = segment_ids.shape[1]
     iota = jnp.arange(S, dtype=jnp.int32)
@@ -175,6 +175,45 @@ def logsumexp(q: jax.Array, k: jax.Array, *, allowed: jax.Array, scale: float,
     return _heads_last(lse)
 
 
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *, scale: float,
+                      alibi_slopes: jax.Array | None = None, q_offset: int | jax.Array = 0):
+    """Softmax attention where `allowed` [B or 1, T, S] says which keys each query sees: (out [B, T, Hq, D] float32,
+    lse [B, T, Hq] float32), 0 and -inf on rows that see nothing."""
+    B, T, Hq, D = q.shape
+    probs, lse = _masked_softmax(_grouped_logits(q, k, scale, alibi_slopes, q_offset), allowed[:, None, None])
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32), precision=_HIGHEST)
+    return out.reshape(B, T, Hq, D), _heads_last(lse)
+
+
+def softmax_attention_backward(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, out: jax.Array,
+                               lse: jax.Array, dout: jax.Array, *, scale: float, dlse: jax.Array | None = None):
+    """The gradient of softmax attention over these keys given the rows' out [B, T, Hq, D] and lse [B, T, Hq], which
+    may be those of attention over more keys (ring attention: this key shard's share of the full gradient):
+
+        P = exp(S − lse) where allowed,  dV = Pᵀ·dO,  dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ out) + dlse),  dQ = scale·dS·K,
+        dK = scale·dSᵀ·Q,
+
+    with dlse [B, T, Hq] the cotangent of the rows' lse (None: 0).
+
+    Returns (dq, dk, dv) float32 in the shapes of q, k, v; rows with lse = -inf contribute nothing."""
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    logits = _grouped_logits(q, k, scale)  # [B, Hkv, G, T, S]
+    row_lse = _grouped(lse[..., None], Hkv)[..., 0].transpose(0, 2, 3, 1)[..., None]  # [B, Hkv, G, T, 1]
+    row_lse = jnp.where(jnp.isneginf(row_lse), jnp.inf, row_lse)
+    probs = jnp.where(allowed[:, None, None], jnp.exp(logits - row_lse), 0.0)
+    dout_g = _grouped(dout.astype(jnp.float32), Hkv)  # [B, T, Hkv, G, D]
+    delta = jnp.einsum("btkgd,btkgd->bkgt", dout_g, _grouped(out.astype(jnp.float32), Hkv))
+    if dlse is not None:
+        delta = delta - _grouped(dlse[..., None].astype(jnp.float32), Hkv)[..., 0].transpose(0, 2, 3, 1)
+    dv = jnp.einsum("bkgts,btkgd->bskd", probs, dout_g, precision=_HIGHEST)
+    dprobs = jnp.einsum("btkgd,bskd->bkgts", dout_g, v.astype(jnp.float32), precision=_HIGHEST)
+    dlogits = probs * (dprobs - delta[..., None]) * scale
+    dq = jnp.einsum("bkgts,bskd->btkgd", dlogits, k.astype(jnp.float32), precision=_HIGHEST).reshape(B, T, Hq, D)
+    dk = jnp.einsum("bkgts,btkgd->bskd", dlogits, _grouped(q.astype(jnp.float32), Hkv), precision=_HIGHEST)
+    return dq, dk, dv
+
+
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mask,
                         segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
                         normalizer: str | normalizers.Normalizer = "softmax", scale: float | None = None,
@@ -196,10 +235,10 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks
     allowed = attention_mask(mask, T, S, q_offset=q_offset, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
     if isinstance(normalizer, normalizers.Softplus):
         probs, lse = normalizer.weights(_grouped(q, Hkv), k, allowed[:, None, None]), None
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32), precision=_HIGHEST)
+        out = out.reshape(B, T, Hq, D).astype(q.dtype)
     else:
-        scale = D ** -0.5 if scale is None else scale
-        logits = _grouped_logits(q, k, scale, alibi_slopes, q_offset)
-        probs, lse = _masked_softmax(logits, allowed[:, None, None])
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32), precision=_HIGHEST)
-    out = out.reshape(B, T, Hq, D).astype(q.dtype)
-    return (out, _heads_last(lse)) if return_lse else out
+        out, lse = softmax_attention(q, k, v, allowed, scale=D ** -0.5 if scale is None else scale,
+                                     alibi_slopes=alibi_slopes, q_offset=q_offset)
+        out = out.astype(q.dtype)
+    return (out, lse) if return_lse else out

@@ -225,6 +225,39 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks_lib
     return out
 
 
+def flash_attention_backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array,
+                             dout: jax.Array, dlse: jax.Array | None = None, *,
+                             mask: masks_lib.Mask = masks_lib.Causal(),
+                             segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
+                             scale: float | None = None, q_offset: int = 0, backend: str = "auto",
+                             block_sizes: BlockSizes | None = None, interpret: bool = False):
+    """The FlashAttention-2 backward of softmax attention on these keys, with the rows' statistics given.
+
+    out [B, T, Hq, D] and lse [B, T, Hq] float32 are those of the whole attention the caller computed, which may
+    span more keys than k and v (ring attention: the merged output and lse over every key shard). Then
+    dS = exp(S − lse) ∘ (dO·Vᵀ − rowsum(dO ∘ out) + dlse) is this shard's exact share of the full gradient (dlse
+    [B, T, Hq]: the cotangent of lse, None for 0), and the returned (dq, dk, dv) — in q's dtype — are summed over
+    shards by the caller. Rows with lse = −inf get zero gradients.
+    """
+    segment_ids, kv_segment_ids = _check(q, k, v, segment_ids, kv_segment_ids, mask, q_offset)
+    B, T, Hq, _ = q.shape
+    for name, x, shape in (("out", out, q.shape), ("dout", dout, q.shape), ("lse", lse, (B, T, Hq))):
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    problem, implementation = plan(
+        q.shape, k.shape, q.dtype, mask=mask, has_segments=segment_ids is not None, scale=scale,
+        q_offset=q_offset, return_lse=True, backend=backend, block_sizes=block_sizes, interpret=interpret)
+    if segment_ids is not None:
+        segment_ids, kv_segment_ids = segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32)
+    delta = jnp.einsum("bthd,bthd->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
+    if dlse is not None:
+        delta = delta - dlse.astype(jnp.float32).transpose(0, 2, 1)
+    stats = (lse.astype(jnp.float32).transpose(0, 2, 1),)
+    dq, dk, dv, _, _ = implementation.backward(problem, q, k, v, None, None, segment_ids, kv_segment_ids, stats,
+                                               delta, dout.astype(q.dtype))
+    return dq, dk, dv
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _flash(problem, implementation, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids):
     out, stats = implementation.forward(problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids)
