@@ -8,6 +8,8 @@ import pathlib
 # oracle comparisons hold their tolerances on GPUs too (their float32 default is TF32-class) and in-process and
 # subprocess runs compute alike.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# Eight CPU devices for the sharding tests (tests/parallel); everything else runs on the first.
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"])
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
