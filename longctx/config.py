@@ -90,6 +90,19 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2  # How many recent checkpoints orbax keeps.
     c.train.tensorboard = False  # Also write TensorBoard event files (needs tensorboardX) under <workdir>/tensorboard.
 
+    c.parallel = ml_collections.ConfigDict()  # The device mesh (longctx/parallel/mesh.py); sizes multiply.
+    c.parallel.data = -1  # Data-parallel devices; -1: every device the other axes leave.
+    c.parallel.fsdp = 1  # Devices over which batch rows and params (their embed dimension) are split.
+    c.parallel.tensor = 1  # Devices over which heads and the MLP width are split.
+    c.parallel.sequence = 1  # Devices over which every sequence's tokens are split (context parallelism).
+    # How attention spans the sequence axis: ring | ring_bidirectional | all_gather | ulysses.
+    c.parallel.context = "ring"
+    c.parallel.layout = "zigzag"  # Which tokens each sequence device holds: contiguous | zigzag | striped.
+    c.parallel.distributed = False  # Multi-host: call jax.distributed.initialize (see scripts/launch_multihost.sh).
+    c.parallel.coordinator_address = ""  # host:port of process 0; "" lets jax read it from SLURM, TPU or MPI.
+    c.parallel.num_processes = 0  # 0: from the environment.
+    c.parallel.process_id = -1  # -1: from the environment.
+
     c.eval = ml_collections.ConfigDict()
     c.eval.num_documents = 16  # Held-out documents per length; the same documents at every length.
     c.eval.batch_size = 4
@@ -146,5 +159,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {config.train.min_lr_ratio}")
     if config.train.grad_clip < 0:
         raise ValueError(f"train.grad_clip must be >= 0 (0 disables clipping), got {config.train.grad_clip}")
+    from longctx.parallel import context, layout
+
+    if config.parallel.context not in context.STRATEGIES:
+        raise ValueError(f"parallel.context must be one of {', '.join(context.STRATEGIES)}, "
+                         f"got {config.parallel.context!r}")
+    if config.parallel.layout not in layout.LAYOUTS:
+        raise ValueError(f"parallel.layout must be one of {', '.join(layout.LAYOUTS)}, got {config.parallel.layout!r}")
     if not 0 < config.data.valid_fraction < 1:
         raise ValueError(f"data.valid_fraction must be in (0, 1), got {config.data.valid_fraction}")

@@ -57,6 +57,7 @@ def tiny_config(source: str, **overrides) -> ml_collections.ConfigDict:
     config.train.update(steps=12, batch_size=4, learning_rate=1e-2, warmup_steps=2, log_every=1,
                         checkpoint_every=4)
     config.eval.update(num_documents=4, batch_size=2)
+    config.parallel.data = 1  # one device, as the tests ran before meshes; tests/parallel asks for more
     config.update_from_flattened_dict(overrides)
     return config
 

@@ -4,14 +4,16 @@ import ml_collections
 
 from longctx import positions
 from longctx.config import mask_from_config
-from longctx.models.llama import Llama, LlamaConfig, check_forward, init_params
+from longctx.models.llama import Llama, LlamaConfig, check_forward, init_params, param_structure
 
 
-def build_model(model_config: ml_collections.ConfigDict, vocab_size: int, train_len: int) -> Llama:
+def build_model(model_config: ml_collections.ConfigDict, vocab_size: int, train_len: int,
+                parallel: ml_collections.ConfigDict | None = None) -> Llama:
     """The decoder that `model_config` (the `model` section of a longctx config) describes, for a tokenizer of
     `vocab_size` tokens (model.vocab_size, when set, must cover them).
 
     `train_len` (the run's data.seq_len) stands in for a scheme's `original_max_position_embeddings` left None.
+    `parallel` (the config's `parallel` section) sets how attention spans a sequence-sharded mesh.
     """
     if model_config.vocab_size:
         if model_config.vocab_size < vocab_size:
@@ -38,6 +40,7 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int, train_
         remat=model_config.remat,
         attention_impl=model_config.attention.impl,
         mask=mask_from_config(model_config.attention),
+        **({} if parallel is None else {"context_parallel": parallel.context, "sequence_layout": parallel.layout}),
     )
     name = model_config.positions.name
     foreign = sorted(set(scheme_params) - set(positions.default_params(name)))
@@ -50,4 +53,4 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int, train_
     return Llama(llama_config, position_scheme=scheme)
 
 
-__all__ = ["Llama", "LlamaConfig", "build_model", "check_forward", "init_params"]
+__all__ = ["Llama", "LlamaConfig", "build_model", "check_forward", "init_params", "param_structure"]

@@ -8,7 +8,9 @@ Params are float32 and a plain pytree once unboxed; compute runs in `config.dtyp
 activations carry logical axis names (`batch`, `length`, `embed`, `q_heads`, `kv_heads`, `head_dim`, `mlp`, `vocab`,
 `norm`, `layers`), so a mesh and a rules table shard the model without touching it. The model knows no position scheme
 and no attention kernel: it calls its `position_scheme` once per forward pass and hands the encoding to every layer,
-which attends through `longctx.attention.attention`.
+which attends through `longctx.attention.attention` — or, under a mesh with a sequence axis (the trainer sets
+one), through `longctx.parallel.context.attention` by the `context_parallel` strategy on batches in
+`sequence_layout` order.
 """
 
 import dataclasses
@@ -19,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from longctx.attention import attention, masks
+from longctx.parallel import context
 from longctx.positions import PositionEncoding, PositionScheme
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -49,6 +52,9 @@ class LlamaConfig:
     remat: str = "none"
     attention_impl: str = "auto"
     mask: masks.Mask = masks.Causal()
+    context_parallel: str = "ring"  # longctx.parallel.context's strategy when the mesh splits the sequence ("none":
+    # attention as if unsplit, left to XLA; only initialisation uses it)
+    sequence_layout: str = "contiguous"  # the token layout of sequence-sharded batches (longctx.parallel.layout)
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -69,8 +75,21 @@ class LlamaConfig:
         return DTYPES[self.dtype]
 
 
+class _Placed(nn.LogicallyPartitioned):
+    """Logical axis names without a sharding constraint at initialisation: flax's DenseGeneral initialises kernels
+    flattened and checks param shapes by re-running initialisers even in `apply`, which the constraint would refuse
+    under a mesh. Params are placed on the mesh by the trainer (`longctx.parallel.mesh.param_shardings`)."""
+
+    def unbox(self, apply_constraint=True):
+        return super().unbox(apply_constraint=False)
+
+
+def _logical(init, axes: tuple[str, ...]):
+    return lambda *args, **kwargs: _Placed(init(*args, **kwargs), axes)
+
+
 def _dense_init(config: LlamaConfig, axes: tuple[str, ...]):
-    return nn.with_logical_partitioning(nn.initializers.normal(config.init_std), axes)
+    return _logical(nn.initializers.normal(config.init_std), axes)
 
 
 class RMSNorm(nn.Module):
@@ -81,10 +100,16 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
+        scale = self.param("scale", _logical(nn.initializers.ones, ("norm",)), (x.shape[-1],))
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def _splits_sequence() -> bool:
+    """Whether the mesh set by `jax.set_mesh` (the trainer's) splits the sequence, so that attention must span it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.shape.get("sequence", 1) > 1
 
 
 class Attention(nn.Module):
@@ -101,7 +126,7 @@ class Attention(nn.Module):
         def project(heads: int, heads_axis: str, name: str) -> jax.Array:
             return dense((heads, cfg.head_dim), use_bias=cfg.qkv_bias,
                          kernel_init=_dense_init(cfg, ("embed", heads_axis, "head_dim")),
-                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (heads_axis, "head_dim")),
+                         bias_init=_logical(nn.initializers.zeros_init(), (heads_axis, "head_dim")),
                          name=name)(x)
 
         q = project(cfg.num_heads, "q_heads", "q_proj")
@@ -113,6 +138,9 @@ class Attention(nn.Module):
 
         def attend_fn(q, k, v, *, within: masks.Mask | None = None, **overrides):
             mask = cfg.mask if within is None else cfg.mask & within
+            if cfg.context_parallel != "none" and _splits_sequence():
+                return context.attention(q, k, v, strategy=cfg.context_parallel, layout=cfg.sequence_layout,
+                                         mask=mask, segment_ids=segment_ids, impl=cfg.attention_impl, **overrides)
             return attention(q, k, v, mask=mask, segment_ids=segment_ids, impl=cfg.attention_impl, **overrides)
 
         out = encoding.attend(q, k, v, attend_fn)
@@ -198,23 +226,35 @@ class Llama(nn.Module):
         return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
-def init_params(model: Llama, rng: jax.Array, seq_len: int = 8):
-    """(params, logical_axes): the float32 params as a plain pytree, and the same tree of logical PartitionSpecs.
+def _initialising(model: Llama) -> Llama:
+    """The model as initialisation traces it: reference attention, never split over a mesh. Params do not depend on
+    the implementation, and no kernel or layout need fit the short dummy sequence (`check_forward` checks the real
+    shapes)."""
+    return model.clone(config=dataclasses.replace(model.config, attention_impl="reference", context_parallel="none"))
 
-    Initialisation traces the model with the reference attention: params do not depend on the implementation, and a
-    kernel need not tile the short dummy sequence (`check_forward` checks the real shapes)."""
+
+def init_params(model: Llama, rng: jax.Array, seq_len: int = 8):
+    """(params, logical_axes): the float32 params as a plain pytree, and the same tree of logical PartitionSpecs."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    model = model.clone(config=dataclasses.replace(model.config, attention_impl="reference"))
-    boxed = jax.jit(model.init)(rng, tokens)["params"]
+    boxed = jax.jit(_initialising(model).init)(rng, tokens)["params"]
     return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
 
 
-def check_forward(model: Llama, batch_size: int, seq_len: int, *, packed: bool) -> None:
+def param_structure(model: Llama):
+    """(abstract params, logical_axes) without computing anything: ShapeDtypeStructs and logical PartitionSpecs."""
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    boxed = jax.eval_shape(_initialising(model).init, jax.random.key(0), tokens)["params"]
+    return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def check_forward(model: Llama, batch_size: int, seq_len: int, *, packed: bool, abstract_params=None) -> None:
     """Traces `model` abstractly (no compute) on a [batch_size, seq_len] batch, with segment ids when `packed`, so that
     an attention request no implementation can honour on this platform raises ValueError (naming
-    `model.attention.impl`) before any work is done."""
+    `model.attention.impl`) before any work is done. Under a mesh (`jax.set_mesh`) it traces the sharded forward,
+    given `abstract_params` (`param_structure`, computed outside the mesh)."""
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    params = param_structure(model)[0] if abstract_params is None else abstract_params
     try:
-        jax.eval_shape(model.init, jax.random.key(0), tokens, tokens, tokens if packed else None)
+        jax.eval_shape(lambda p, t, s: model.apply({"params": p}, t, t, s), params, tokens, tokens if packed else None)
     except NotImplementedError as e:
         raise ValueError(f"model.attention.impl={model.config.attention_impl!r}: {e}") from None

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -23,4 +24,24 @@ def next_token_losses(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Arr
 def next_token_loss(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array | None = None):
     """(sum of the counted per-position losses, their count): see `next_token_losses`."""
     nll, weights = next_token_losses(logits, tokens, segment_ids)
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def next_token_targets(tokens: np.ndarray, segment_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(targets [B, T] int32, weights [B, T] float32) aligned with the inputs: position t predicts tokens[t+1] with
+    the weight of `next_token_losses` (the last position predicts nothing). Computed on the host before a batch's
+    tokens are permuted into a context-parallel layout, so the loss needs no neighbour across devices."""
+    targets = np.zeros_like(tokens, dtype=np.int32)
+    targets[:, :-1] = tokens[:, 1:]
+    weights = np.zeros(tokens.shape, np.float32)
+    if segment_ids is None:
+        weights[:, :-1] = 1.0
+    else:
+        weights[:, :-1] = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    return targets, weights
+
+
+def weighted_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+    """(Σ weights · cross-entropy(logits, targets), Σ weights)."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     return jnp.sum(nll * weights), jnp.sum(weights)

@@ -51,10 +51,10 @@ class MetricsLog:
             self.tensorboard.close()
 
 
-def progress_bar(total: int, initial: int) -> tqdm.tqdm:
+def progress_bar(total: int, initial: int, disable: bool = False) -> tqdm.tqdm:
     """A bar over training steps on a terminal; on a pipe it stays silent and `show` prints lines instead."""
     return tqdm.tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                     disable=not sys.stderr.isatty())
+                     disable=disable or not sys.stderr.isatty())
 
 
 def show(bar: tqdm.tqdm, record: dict[str, Any]) -> None:

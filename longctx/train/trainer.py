@@ -1,4 +1,9 @@
-"""The training loop, top to bottom: config → data → model → jitted step → metrics and orbax checkpoints.
+"""The training loop, top to bottom: config → mesh → data → model → jitted step → metrics and orbax checkpoints.
+
+The step runs on the mesh of `config.parallel` (one device is a mesh too): params and optimizer state are sharded by
+the model's logical axes (FSDP, tensor), batches along data/fsdp rows and sequence tokens, in the token layout of
+`parallel.layout`, and attention spans the sequence axis by `parallel.context`. Every process builds the same global
+batch stream and puts on its devices only the shards they hold; process 0 writes metrics and the config.
 
 `train(config, workdir)` runs `config.train.steps` optimizer steps (the schedule's length), or stops after
 `stop_after` with a checkpoint as a time-limited job would; `resume=True` continues from the newest checkpoint so that
@@ -12,6 +17,7 @@ import logging
 import pathlib
 import time
 
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -21,17 +27,19 @@ import optax
 
 from longctx.config import validate
 from longctx.data import load_documents, load_tokenizer, packed_batches, split_into_pieces, tokenize_documents
-from longctx.models import Llama, build_model, check_forward, init_params
+from longctx.models import Llama, build_model, check_forward, init_params, param_structure
 from longctx.train import checkpoint, metrics
 from longctx.train.determinism import warn_if_not_reproducible
-from longctx.train.loss import next_token_loss
+from longctx.parallel import distributed, layout, mesh as mesh_lib
+from longctx.train.loss import next_token_targets, weighted_loss
 from longctx.train.optim import make_optimizer
 
 log = logging.getLogger("longctx.train")
 
 
 def train_step(params, opt_state, batch, rng, *, model, optimizer, grad_accum_steps):
-    """One optimizer update on `batch` ([batch_size, T] arrays), split into `grad_accum_steps` micro-batches.
+    """One optimizer update on `batch` ([batch_size, T] arrays: tokens, positions, segment_ids and the
+    `next_token_targets` targets and weights), split into `grad_accum_steps` micro-batches.
 
     The gradient is that of the mean loss over every counted token of the whole batch, whatever the split. `rng` is
     the step's "positions" key (a scheme that samples in training, CLEX, draws from it once per step).
@@ -40,7 +48,7 @@ def train_step(params, opt_state, batch, rng, *, model, optimizer, grad_accum_st
     def loss_and_count(params, micro):
         logits = model.apply({"params": params}, micro["tokens"], micro["positions"], micro["segment_ids"],
                              train=True, rngs={"positions": rng})
-        return next_token_loss(logits, micro["tokens"], micro["segment_ids"])
+        return weighted_loss(logits, micro["targets"], micro["weights"])
 
     grad_fn = jax.value_and_grad(loss_and_count, has_aux=True)
 
@@ -77,6 +85,7 @@ class Run:
     config: ml_collections.ConfigDict
     workdir: pathlib.Path
     model: Llama
+    mesh: jax.sharding.Mesh
     data_iter: grain.DatasetIterator
     resume: bool
     end_step: int
@@ -90,46 +99,82 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, r
     """
     workdir = pathlib.Path(workdir)
     validate(config)
+    distributed.initialize(config.parallel)
+    mesh = mesh_lib.make_mesh(config.parallel)
+    micro_batch = config.train.batch_size // config.train.grad_accum_steps
+    mesh_lib.check_model(mesh, batch_size=micro_batch, seq_len=config.data.seq_len,
+                         num_heads=config.model.num_heads, num_kv_heads=config.model.num_kv_heads)
+    layout.check(config.parallel.layout, config.data.seq_len, mesh.shape["sequence"])
     warn_if_not_reproducible()
     if stop_after is not None and not 1 <= stop_after <= config.train.steps:
         raise ValueError(f"--stop_after must be a step in [1, train.steps={config.train.steps}], got {stop_after}")
     tokenizer = load_tokenizer(config.data.tokenizer)
-    model = build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
-    check_forward(model, config.train.batch_size // config.train.grad_accum_steps, config.data.seq_len, packed=True)
+    model = build_model(config.model, tokenizer.vocab_size, config.data.seq_len, config.parallel)
+    abstract_params, _ = param_structure(model)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+        check_forward(model, micro_batch, config.data.seq_len, packed=True, abstract_params=abstract_params)
     checkpoint.check_workdir(workdir, config, resume=resume, overwrite=overwrite)
     data_iter = make_train_iterator(config, tokenizer)
-    checkpoint.start_workdir(workdir, config, overwrite=overwrite)
+    if distributed.is_main_process():
+        checkpoint.start_workdir(workdir, config, overwrite=overwrite)
     end_step = stop_after or config.train.steps
-    return Run(config, workdir, model, data_iter, resume, end_step)
+    return Run(config, workdir, model, mesh, data_iter, resume, end_step)
+
+
+def device_batch(batch: dict[str, np.ndarray], config: ml_collections.ConfigDict,
+                 mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """A host batch as global arrays on the mesh: next-token targets and weights added, then every array permuted into
+    the sequence layout (`parallel.layout`) and sharded."""
+    batch = dict(batch)
+    batch["targets"], batch["weights"] = next_token_targets(batch["tokens"], batch["segment_ids"])
+    batch = {key: layout.to_layout(value, config.parallel.layout, mesh.shape["sequence"])
+             for key, value in batch.items()}
+    return mesh_lib.shard_batch(batch, mesh)
+
+
+def init_sharded(model: Llama, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, optimizer):
+    """(params, opt_state) initialised directly into their shardings on the mesh."""
+    rng = jax.random.key(config.seed)
+    abstract, logical = param_structure(model)
+    shardings = mesh_lib.param_shardings(abstract, logical, mesh)
+    params = jax.jit(lambda r: init_params(model, r)[0], out_shardings=shardings)(rng)
+    opt_state = jax.jit(optimizer.init)(params)
+    return params, opt_state
 
 
 def fit(run: Run) -> list[dict]:
     """Trains `run` to its end step; returns the metrics records logged by this invocation."""
+    optimizer, schedule = make_optimizer(run.config.train)
+    params, opt_state = init_sharded(run.model, run.config, run.mesh, optimizer)  # outside the mesh: see init_params
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_RULES):
+        return _fit(run, optimizer, schedule, params, opt_state)
+
+
+def _fit(run: Run, optimizer, schedule, params, opt_state) -> list[dict]:
     config, workdir, model, data_iter, end_step = run.config, run.workdir, run.model, run.data_iter, run.end_step
-    optimizer, schedule = make_optimizer(config.train)
-    params, _ = init_params(model, jax.random.key(config.seed))
-    opt_state = optimizer.init(params)
     checkpoints = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints, create=True)
     start_step = (checkpoints.latest_step() or 0) if run.resume else 0
     if start_step:
         params, opt_state = checkpoints.restore_training(start_step, params, opt_state, data_iter)
         log.info("resumed %s at step %d", workdir, start_step)
     num_params = sum(x.size for x in jax.tree.leaves(params))
-    log.info("model: %s params; %d tokens per step; steps %d..%d of %d", f"{num_params:,}",
-             config.train.batch_size * config.data.seq_len, start_step + 1, end_step, config.train.steps)
+    log.info("model: %s params; %d tokens per step; steps %d..%d of %d; mesh %s", f"{num_params:,}",
+             config.train.batch_size * config.data.seq_len, start_step + 1, end_step, config.train.steps,
+             dict(run.mesh.shape))
 
     positions_key = jax.random.fold_in(jax.random.key(config.seed), 1)  # the step's key follows from its number
     step_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
                                         grad_accum_steps=config.train.grad_accum_steps), donate_argnums=(0, 1))
+    main = distributed.is_main_process()
     metrics_log = metrics.MetricsLog(
         workdir / checkpoint.METRICS_FILE, resume_step=start_step,
-        tensorboard_dir=workdir / checkpoint.TENSORBOARD_DIR if config.train.tensorboard else None)
-    bar = metrics.progress_bar(total=config.train.steps, initial=start_step)
+        tensorboard_dir=workdir / checkpoint.TENSORBOARD_DIR if config.train.tensorboard else None) if main else None
+    bar = metrics.progress_bar(total=config.train.steps, initial=start_step, disable=not main)
     records = []
     tokens_per_step = config.train.batch_size * config.data.seq_len
     last_time, last_step = time.perf_counter(), start_step
     for step in range(start_step + 1, end_step + 1):
-        batch = {key: jnp.asarray(value) for key, value in next(data_iter).items()}
+        batch = device_batch(next(data_iter), config, run.mesh)
         params, opt_state, step_metrics = step_fn(params, opt_state, batch, jax.random.fold_in(positions_key, step))
         bar.update(1)
         if step % config.train.log_every == 0 or step == end_step:
@@ -138,8 +183,9 @@ def fit(run: Run) -> list[dict]:
             record = {"step": step, **step_metrics, "learning_rate": float(schedule(step - 1)),
                       "tokens_per_s": tokens_per_step * (step - last_step) / (now - last_time)}
             last_time, last_step = now, step
-            metrics_log.write(record)
-            metrics.show(bar, record)
+            if main:
+                metrics_log.write(record)
+                metrics.show(bar, record)
             records.append(record)
             if not np.isfinite(record["loss"]):
                 raise FloatingPointError(f"loss is {record['loss']} at step {step}; stopping (see {workdir})")
@@ -147,7 +193,8 @@ def fit(run: Run) -> list[dict]:
             checkpoints.save(step, params, opt_state, data_iter, config)
     bar.close()
     checkpoints.close()
-    metrics_log.close()
+    if main:
+        metrics_log.close()
     if start_step >= end_step:
         log.info("nothing to train: the run in %s is already at step %d", workdir, start_step)
     return records

@@ -17,6 +17,7 @@ from longctx.config import positions_config
 from longctx.data import load_tokenizer
 from longctx.models import build_model, init_params
 from longctx.train import checkpoint, train
+from longctx.train.loss import next_token_targets
 from longctx.train.optim import make_optimizer
 from longctx.train.trainer import make_train_iterator, train_step
 
@@ -108,7 +109,9 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path, long_schedule, uninterr
 def test_gradient_accumulation_gives_the_same_update(make_config):
     config = make_config()
     tokenizer = load_tokenizer(config.data.tokenizer)
-    batch = {k: jnp.asarray(v) for k, v in next(make_train_iterator(config, tokenizer)).items()}
+    batch = next(make_train_iterator(config, tokenizer))
+    batch["targets"], batch["weights"] = next_token_targets(batch["tokens"], batch["segment_ids"])
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
     model = build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
     optimizer, _ = make_optimizer(config.train)
     params, _ = init_params(model, jax.random.key(0))
