@@ -11,6 +11,7 @@ import logging
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 logger = logging.getLogger("longctx.parallel")
 
@@ -39,3 +40,9 @@ def initialize(parallel: ml_collections.ConfigDict) -> None:
 def is_main_process() -> bool:
     """Whether this process writes the run's files (metrics, config, progress); checkpoints are written by all."""
     return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Waits until every process has reached the barrier `name` (a no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

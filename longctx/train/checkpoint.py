@@ -25,10 +25,11 @@ TENSORBOARD_DIR = "tensorboard"
 REPORT_FILES = ("report.json", "report.md", "ppl_vs_length.png")
 RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR)  # a workdir with any of these holds a run
 
-# Fields that change how a run is logged or saved, never what it computes: a resume may change them.
+# Fields that change how a run is logged or saved, never what it computes: a resume may change them. Also where a
+# multi-host run's processes meet and which one this is (config.json holds process 0's; every process compares).
 RESUME_MAY_CHANGE = frozenset(
     {"train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.tensorboard",
-     "eval.num_documents", "eval.batch_size"}
+     "eval.num_documents", "eval.batch_size", "parallel.coordinator_address", "parallel.process_id"}
 )
 
 

@@ -115,8 +115,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, r
         check_forward(model, micro_batch, config.data.seq_len, packed=True, abstract_params=abstract_params)
     checkpoint.check_workdir(workdir, config, resume=resume, overwrite=overwrite)
     data_iter = make_train_iterator(config, tokenizer)
+    # Every process checks the workdir before process 0 writes its config (else a later process would find "a run"
+    # there), and goes on only once it has (and, with overwrite, removed the old run's files).
+    distributed.barrier("longctx.prepare: workdir checked")
     if distributed.is_main_process():
         checkpoint.start_workdir(workdir, config, overwrite=overwrite)
+    distributed.barrier("longctx.prepare: workdir started")
     end_step = stop_after or config.train.steps
     return Run(config, workdir, model, mesh, data_iter, resume, end_step)
 
@@ -138,7 +142,14 @@ def init_sharded(model: Llama, config: ml_collections.ConfigDict, mesh: jax.shar
     abstract, logical = param_structure(model)
     shardings = mesh_lib.param_shardings(abstract, logical, mesh)
     params = jax.jit(lambda r: init_params(model, r)[0], out_shardings=shardings)(rng)
-    opt_state = jax.jit(optimizer.init)(params)
+    # The moments take their params' shardings, the step counts are replicated. Without out_shardings jit leaves
+    # these zeros (they depend on no input value) whole on one local device, and a restored checkpoint puts them
+    # there committed, which the step refuses on a mesh.
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_shardings = optax.tree_map_params(optimizer, lambda _, sharding: sharding,
+                                            jax.eval_shape(optimizer.init, params), shardings,
+                                            transform_non_params=lambda _: replicated)
+    opt_state = jax.jit(optimizer.init, out_shardings=state_shardings)(params)
     return params, opt_state
 
 
