@@ -73,6 +73,18 @@ def platform_of(x: jax.Array) -> tuple[str, tuple[int, int] | None]:
     return platform, (tuple(int(p) for p in capability.split(".")) if capability else None)
 
 
+def make_request(q: jax.Array, k: jax.Array, *, mask: masks.Mask, has_segment_ids: bool,
+                 q_offset: int | jax.Array = 0, return_lse: bool = False,
+                 normalizer: normalizers.Normalizer = normalizers.Softmax(), has_alibi: bool = False) -> Request:
+    """The Request of attention on q and k (platform and compute capability from where q lives; a traced q_offset
+    becomes None)."""
+    platform, capability = platform_of(q)
+    return Request(q_shape=tuple(q.shape), k_shape=tuple(k.shape), dtype=q.dtype, mask=mask, platform=platform,
+                   compute_capability=capability, has_segment_ids=has_segment_ids,
+                   q_offset=q_offset if isinstance(q_offset, int) else None, return_lse=return_lse,
+                   normalizer=normalizer, has_alibi=has_alibi)
+
+
 def cudnn_unsupported_reason(request: Request) -> str | None:
     """Why cuDNN flash attention (through jax.nn.dot_product_attention) cannot run `request`, or None if it can.
 
@@ -203,12 +215,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mask = ma
     segment_ids, kv_segment_ids, q_offset, normalizer = check_arguments(
         q, k, v, mask=mask, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, normalizer=normalizer,
         q_offset=q_offset, scale=scale, alibi_slopes=alibi_slopes, return_lse=return_lse)
-    platform, capability = platform_of(q)
-    request = Request(
-        q_shape=tuple(q.shape), k_shape=tuple(k.shape), dtype=q.dtype, mask=mask, platform=platform,
-        compute_capability=capability, has_segment_ids=segment_ids is not None,
-        q_offset=q_offset if isinstance(q_offset, int) else None, return_lse=return_lse, normalizer=normalizer,
-        has_alibi=alibi_slopes is not None)
+    request = make_request(q, k, mask=mask, has_segment_ids=segment_ids is not None, q_offset=q_offset,
+                           return_lse=return_lse, normalizer=normalizer, has_alibi=alibi_slopes is not None)
     name = choose_impl(request) if impl == "auto" else impl
     reason = IMPLEMENTATIONS[name].unsupported_reason(request)
     if reason is not None:

@@ -221,11 +221,8 @@ class KernelSteps:
 
     def _kernel_backward(self, call: Call, q, k, v, q_seg, kv_seg, out, lse, dout, dlse):
         interpret = self.impl == "pallas_interpret"
-        platform, capability = dispatch.platform_of(q)
-        request = dispatch.Request(
-            q_shape=tuple(q.shape), k_shape=tuple(k.shape), dtype=q.dtype, mask=call.mask, platform=platform,
-            compute_capability=capability, has_segment_ids=q_seg is not None, q_offset=call.q_offset,
-            return_lse=True)
+        request = dispatch.make_request(q, k, mask=call.mask, has_segment_ids=q_seg is not None,
+                                        q_offset=call.q_offset, return_lse=True)
         backend, reason = pallas.choose_backend(request, interpret=interpret)
         if backend is None:
             raise NotImplementedError(f"attention impl={self.impl!r} cannot run a ring step: {reason}")

@@ -56,10 +56,6 @@ class Setup:
     def pieces(self, rank: int) -> tuple[layout_lib.Piece, ...]:
         return layout_lib.pieces(self.layout, rank, self.num_devices, self.shard_len)
 
-    def half(self, rank: int, which: int) -> tuple[layout_lib.Piece, ...]:
-        half = self.shard_len // 2
-        return layout_lib.split(self.pieces(rank), which * half, (which + 1) * half)
-
 
 def _shift(tree, axis: str, num_devices: int, direction: int = 1):
     """Sends every array of `tree` from device i to device i + direction (mod N) along `axis`."""
@@ -71,67 +67,54 @@ def _empty_accumulator(q):
     return jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:3], -jnp.inf, jnp.float32)
 
 
-def _halves(x):
-    half = x.shape[1] // 2
-    return x[:, :half], x[:, half:]
+def _rows(tree, start: int, stop: int):
+    """Tokens [start, stop) of every [B, C, ...] array of `tree` (None stays None)."""
+    return jax.tree.map(lambda x: x[:, start:stop], tree)
 
 
-def _split_side(side: Side) -> tuple[Side, Side]:
-    first = Side(*(None if x is None else _halves(x)[0] for x in (side.segment_ids, side.positions)))
-    second = Side(*(None if x is None else _halves(x)[1] for x in (side.segment_ids, side.positions)))
-    return first, second
+def _ring_parts(setup: Setup) -> tuple[tuple[int, int, int], ...]:
+    """The parts of a K/V shard that travel round the ring: (first token, last token + 1, direction). "ring" sends
+    the whole shard to device i + 1; "ring_bidirectional" its first half to i + 1 and its second half to i − 1."""
+    C = setup.shard_len
+    if setup.strategy == "ring":
+        return ((0, C, 1),)
+    return ((0, C // 2, 1), (C // 2, C, -1))
+
+
+def _visiting_pieces(setup: Setup, part: tuple[int, int, int], step: int):
+    """device index → the global positions of the part visiting it at `step` (sent by device i − direction·step)."""
+    start, stop, direction = part
+    N = setup.num_devices
+    return lambda rank: layout_lib.split(setup.pieces((rank - direction * step) % N), start, stop)
 
 
 def _ring_forward_pass(setup: Setup, q, k, v, q_side: Side, kv_side: Side):
     acc = _empty_accumulator(q)
-    N, axis = setup.num_devices, setup.axis
-    if setup.strategy == "ring":
-        shard = (k, v, kv_side)
-        for step in range(N):
-            following = _shift(shard, axis, N) if step < N - 1 else None  # issued before this step's compute
-            acc = setup.steps.forward(acc, q, q_side, *shard, lambda r, s=step: setup.pieces((r - s) % N))
-            shard = following
-        return acc
-    (k0, k1), (v0, v1), (side0, side1) = _halves(k), _halves(v), _split_side(kv_side)
-    forward, backward = (k0, v0, side0), (k1, v1, side1)
+    N, axis, parts = setup.num_devices, setup.axis, _ring_parts(setup)
+    shards = [_rows((k, v, kv_side), start, stop) for start, stop, _ in parts]
     for step in range(N):
-        following = (_shift(forward, axis, N, 1), _shift(backward, axis, N, -1)) if step < N - 1 else None
-        acc = setup.steps.forward(acc, q, q_side, *forward, lambda r, s=step: setup.half((r - s) % N, 0))
-        acc = setup.steps.forward(acc, q, q_side, *backward, lambda r, s=step: setup.half((r + s) % N, 1))
-        if following is not None:
-            forward, backward = following
+        following = [_shift(shard, axis, N, part[2]) for part, shard in zip(parts, shards)] if step < N - 1 else None
+        for part, shard in zip(parts, shards):  # the next hop is issued above, before this step's compute
+            acc = setup.steps.forward(acc, q, q_side, *shard, _visiting_pieces(setup, part, step))
+        shards = following
     return acc
 
 
 def _ring_backward_pass(setup: Setup, q, k, v, q_side: Side, kv_side: Side, out, lse, cotangents):
-    N, axis = setup.num_devices, setup.axis
+    N, axis, parts = setup.num_devices, setup.axis, _ring_parts(setup)
+    shards = [_rows((k, v, kv_side), start, stop) for start, stop, _ in parts]
+    grads = [jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), shard[:2]) for shard in shards]
     dq = jnp.zeros(q.shape, jnp.float32)
-    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
-    if setup.strategy == "ring":
-        shard, grads = (k, v, kv_side), (zeros(k), zeros(v))
-        for step in range(N):
-            following = _shift(shard, axis, N) if step < N - 1 else None
-            dq_s, dk_s, dv_s = setup.steps.backward(q, q_side, *shard, lambda r, s=step: setup.pieces((r - s) % N),
-                                                    out, lse, cotangents)
-            dq = dq + dq_s
-            grads = _shift((grads[0] + dk_s, grads[1] + dv_s), axis, N)  # travels with its shard; home after N hops
-            shard = following
-        return dq, *grads
-    (k0, k1), (v0, v1), (side0, side1) = _halves(k), _halves(v), _split_side(kv_side)
-    forward, backward = (k0, v0, side0), (k1, v1, side1)
-    grads_f, grads_b = (zeros(k0), zeros(v0)), (zeros(k1), zeros(v1))
     for step in range(N):
-        following = (_shift(forward, axis, N, 1), _shift(backward, axis, N, -1)) if step < N - 1 else None
-        dq_f, dk_f, dv_f = setup.steps.backward(q, q_side, *forward, lambda r, s=step: setup.half((r - s) % N, 0),
-                                                out, lse, cotangents)
-        dq_b, dk_b, dv_b = setup.steps.backward(q, q_side, *backward, lambda r, s=step: setup.half((r + s) % N, 1),
-                                                out, lse, cotangents)
-        dq = dq + dq_f + dq_b
-        grads_f = _shift((grads_f[0] + dk_f, grads_f[1] + dv_f), axis, N, 1)
-        grads_b = _shift((grads_b[0] + dk_b, grads_b[1] + dv_b), axis, N, -1)
-        if following is not None:
-            forward, backward = following
-    return (dq, jnp.concatenate([grads_f[0], grads_b[0]], 1), jnp.concatenate([grads_f[1], grads_b[1]], 1))
+        following = [_shift(shard, axis, N, part[2]) for part, shard in zip(parts, shards)] if step < N - 1 else None
+        for i, (part, shard) in enumerate(zip(parts, shards)):
+            dq_s, dk_s, dv_s = setup.steps.backward(q, q_side, *shard, _visiting_pieces(setup, part, step), out, lse,
+                                                    cotangents)
+            dq = dq + dq_s
+            # dK/dV travel with their shard: after N hops they are home.
+            grads[i] = _shift((grads[i][0] + dk_s, grads[i][1] + dv_s), axis, N, part[2])
+        shards = following
+    return dq, jnp.concatenate([g[0] for g in grads], 1), jnp.concatenate([g[1] for g in grads], 1)
 
 
 def _gathered(setup: Setup, k, v, kv_side: Side):
