@@ -7,7 +7,7 @@ suite generates for every sample through the KV cache (`longctx.infer.generate`)
 (task, length, depth).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import dataclasses
 import re
 import string
@@ -37,6 +37,15 @@ class Sample:
     depth: float | None
     max_new_tokens: int
     info: dict = dataclasses.field(default_factory=dict)
+
+
+def check_grid(lengths: Sequence[int], depths: Sequence[float]) -> None:
+    """Raises ValueError unless `lengths` are positive integers and `depths` lie in [0, 1] (both non-empty)."""
+    if not lengths or any(not isinstance(n, (int, np.integer)) or n < 1 for n in lengths):
+        raise ValueError(f"lengths must be a non-empty list of positive integers (tokens), got {list(lengths)}")
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths must be a non-empty list of floats in [0, 1] (0 = start, 1 = end), "
+                         f"got {list(depths)}")
 
 
 def with_bos(tokenizer: Tokenizer, text: str) -> np.ndarray:

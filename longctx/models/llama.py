@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from longctx.attention import attention, masks
+from longctx.infer.kv_cache import CacheView, KVCache
 from longctx.parallel import context
 from longctx.positions import PositionEncoding, PositionScheme
 
@@ -119,7 +120,11 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, encoding: PositionEncoding, segment_ids: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, encoding: PositionEncoding, segment_ids: jax.Array | None,
+                 view: CacheView | None = None, layer_kv: tuple[jax.Array, jax.Array] | None = None):
+        """Without a cache: [B, T, E]. With `view` and this layer's cached (keys, values) [B, S, Hkv, D]: the new
+        tokens' keys and values are written at columns view.offset.., the queries attend to every cached column, and
+        the result is (out, (keys, values))."""
         cfg = self.config
         dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32)
 
@@ -135,18 +140,25 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "q_heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        cached = {}
+        if layer_kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(layer_kv[0], k.astype(layer_kv[0].dtype), view.offset, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(layer_kv[1], v.astype(layer_kv[1].dtype), view.offset, axis=1)
+            cached = {"q_offset": view.offset, "kv_segment_ids": view.segment_ids}
 
         def attend_fn(q, k, v, *, within: masks.Mask | None = None, **overrides):
             mask = cfg.mask if within is None else cfg.mask & within
             if cfg.context_parallel != "none" and _splits_sequence():
                 return context.attention(q, k, v, strategy=cfg.context_parallel, layout=cfg.sequence_layout,
                                          mask=mask, segment_ids=segment_ids, impl=cfg.attention_impl, **overrides)
-            return attention(q, k, v, mask=mask, segment_ids=segment_ids, impl=cfg.attention_impl, **overrides)
+            return attention(q, k, v, mask=mask, segment_ids=segment_ids, impl=cfg.attention_impl, **cached,
+                             **overrides)
 
         out = encoding.attend(q, k, v, attend_fn)
         out = nn.with_logical_constraint(out, ("batch", "length", "q_heads", "head_dim"))
-        return dense(cfg.hidden_size, axis=(-2, -1), kernel_init=_dense_init(cfg, ("q_heads", "head_dim", "embed")),
-                     name="o_proj")(out)
+        out = dense(cfg.hidden_size, axis=(-2, -1), kernel_init=_dense_init(cfg, ("q_heads", "head_dim", "embed")),
+                    name="o_proj")(out)
+        return out if layer_kv is None else (out, (k, v))
 
 
 class SwiGLU(nn.Module):
@@ -165,18 +177,24 @@ class SwiGLU(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)). With a KV cache (`view` and this layer's
+    `layer_kv`) it also returns the layer's updated (keys, values); under `nn.scan` the second output is always
+    there (None without a cache)."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, encoding: PositionEncoding, segment_ids: jax.Array | None):
+    def __call__(self, x: jax.Array, encoding: PositionEncoding, segment_ids: jax.Array | None,
+                 view: CacheView | None = None, layer_kv: tuple[jax.Array, jax.Array] | None = None):
         cfg = self.config
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype)
-        h = x + Attention(cfg, name="attn")(norm(name="attn_norm")(x), encoding, segment_ids)
+        attended = Attention(cfg, name="attn")(norm(name="attn_norm")(x), encoding, segment_ids, view, layer_kv)
+        if layer_kv is not None:
+            attended, layer_kv = attended
+        h = x + attended
         out = h + SwiGLU(cfg, name="mlp")(norm(name="mlp_norm")(h))
         out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
-        return (out, None) if cfg.scan_layers else out
+        return (out, layer_kv) if cfg.scan_layers or layer_kv is not None else out
 
 
 class Llama(nn.Module):
@@ -185,6 +203,14 @@ class Llama(nn.Module):
     positions [B, T] int32 default to 0..T-1; segment_ids [B, T] int32 (0 = padding) mask attention across packed
     documents and are None for unpacked input. `train` is True in training steps (a scheme may sample then, from the
     "positions" rng: CLEX).
+
+    With `cache` (a `longctx.infer.KVCache`) the tokens are the next T columns of the cached sequences: their keys and
+    values are written into the cache, they attend to every cached column (query row t sits at column
+    cache.length + t, so masks and ALiBi count distance in columns), the position scheme sees the query positions and
+    all cached positions (dynamic NTK and CLEX follow the grown length; LM-Infinite and Self-Extend apply their
+    rules to cached keys), and the result is (logits, updated cache). Cached keys are stored before rotation, so
+    every scheme decodes exactly as the full-sequence forward computes. `last_logits_only` returns logits of the
+    last column only ([B, 1, vocab]), which is all that a prefill needs.
     """
 
     config: LlamaConfig
@@ -196,34 +222,59 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+                 segment_ids: jax.Array | None = None, *, train: bool = False, cache: KVCache | None = None,
+                 last_logits_only: bool = False):
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                          embedding_init=_dense_init(cfg, ("vocab", "embed")), name="embed")
         x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
-        encoding = self.position_scheme(positions, train=train)
+        view, layer_kvs = None, None
+        if cache is None:
+            encoding = self.position_scheme(positions, train=train)
+        else:
+            if train:
+                raise ValueError("a KV cache is for inference; train must be False")
+            if segment_ids is None:
+                segment_ids = jnp.ones_like(tokens)
+            view = CacheView(offset=cache.length, segment_ids=cache.segment_ids)
+            cache = cache.with_tokens(positions, segment_ids)
+            view = view.replace(segment_ids=cache.segment_ids)
+            encoding = self.position_scheme(positions, cache.positions)
+            layer_kvs = (cache.keys, cache.values)
 
         layer = DecoderLayer
         if cfg.remat != "none":
             layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = layers(cfg, name="layers")(x, encoding, segment_ids)
+            x, layer_kvs = layers(cfg, name="layers")(x, encoding, segment_ids, view, layer_kvs)
         else:
+            updated = []
             for i in range(cfg.num_layers):
-                x = layer(cfg, name=f"layers_{i}")(x, encoding, segment_ids)
+                layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
+                x = layer(cfg, name=f"layers_{i}")(x, encoding, segment_ids, view, layer_kv)
+                if cache is not None:
+                    x, layer_kv = x
+                    updated.append(layer_kv)
+            if cache is not None:
+                layer_kvs = tuple(jnp.stack(parts) for parts in zip(*updated))
 
+        if last_logits_only:
+            x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
             logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                               kernel_init=_dense_init(cfg, ("embed", "vocab")), name="lm_head")(x)
-        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        return logits, cache.replace(keys=layer_kvs[0], values=layer_kvs[1])
 
 
 def _initialising(model: Llama) -> Llama:

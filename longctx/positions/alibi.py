@@ -44,7 +44,6 @@ class ALiBi(PositionScheme):
 
     def __call__(self, positions: jax.Array, kv_positions: jax.Array | None = None, *,
                  train: bool = False) -> PositionEncoding:
-        if kv_positions is not None:
-            raise NotImplementedError("alibi measures distance in rows (attention's q_offset); it takes no "
-                                      "kv_positions")
+        # Distance is measured in token rows (attention's q_offset), so kv_positions are not needed: a KV cache
+        # keeps the columns of a sequence at their distances.
         return ALiBiEncoding()

@@ -248,5 +248,3 @@ def test_schemes_that_make_their_own_masks_refuse_another_layer_mask():
         with pytest.raises(ValueError, match=f"'{name}' makes its own causal masks and needs model.attention.mask"):
             Llama(dataclasses.replace(CONFIG, mask=masks.SlidingWindow(8)),
                   position_scheme=positions.get(name, head_dim=D, original_max_position_embeddings=16))
-    with pytest.raises(NotImplementedError, match="alibi measures distance in rows"):
-        positions.get("alibi", head_dim=D)(jnp.arange(4)[None], kv_positions=jnp.arange(4)[None])

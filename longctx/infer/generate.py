@@ -1,0 +1,135 @@
+"""Greedy generation through the KV cache, batched over prompts of different lengths.
+
+A batch of prompts is left-padded to a common width W (segment id 0 on the padding; each prompt's positions run
+0..n-1 on its own tokens), prefilled into a cache of W + max_new_tokens columns — in chunks of `prefill_chunk`
+columns when given, so no chunk builds more than chunk × cache-width scores — and then decoded one token per step for
+all rows at once, in one compiled loop (`jax.lax.while_loop`) that stops when every row has produced a stop token or
+`max_new_tokens` tokens. Greedy: each next token is the argmax of the logits.
+"""
+
+from collections.abc import Sequence
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longctx.infer.kv_cache import KVCache
+from longctx.models import Llama
+
+WIDTH_GRANULE = 64  # prompt widths round up to a multiple of this (or of the prefill chunk): fewer compilations
+
+
+def empty_cache(model: Llama, batch_size: int, max_length: int) -> KVCache:
+    cfg = model.config
+    return KVCache.empty(num_layers=cfg.num_layers, batch_size=batch_size, max_length=max_length,
+                         num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=cfg.compute_dtype)
+
+
+def left_padded(prompts: Sequence[np.ndarray], width: int, pad_id: int) -> dict[str, np.ndarray]:
+    """tokens, positions, segment_ids [len(prompts), width] int32: each prompt right-aligned, positions 0..n-1 on its
+    tokens, segment id 1 on its tokens and 0 on the padding before them."""
+    batch = {key: np.zeros((len(prompts), width), np.int32) for key in ("tokens", "positions", "segment_ids")}
+    batch["tokens"][:] = pad_id
+    for row, prompt in enumerate(prompts):
+        n = len(prompt)
+        batch["tokens"][row, width - n:] = prompt
+        batch["positions"][row, width - n:] = np.arange(n)
+        batch["segment_ids"][row, width - n:] = 1
+    return batch
+
+
+def _prefill(model, params, cache, tokens, positions, segment_ids):
+    logits, cache = model.apply({"params": params}, tokens, positions, segment_ids, cache=cache,
+                                last_logits_only=True)
+    return logits[:, -1], cache
+
+
+def _decode(model, params, cache, logits, next_positions, stop_ids, max_new_tokens):
+    """Greedy steps from the prefill's last logits: [B, max_new_tokens] int32 generated ids (stop_ids[0] or -1 after
+    a row has stopped)."""
+    batch = logits.shape[0]
+    stops = jnp.asarray(stop_ids, jnp.int32)
+
+    def cond(state):
+        step, _, _, _, _, done = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, logits, positions, out, done = state
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        token = jnp.where(done, -1, token)
+        out = out.at[:, step].set(token)
+        done = done | jnp.isin(token, stops)
+        logits, cache = model.apply({"params": params}, jnp.maximum(token, 0)[:, None], positions[:, None],
+                                    jnp.ones((batch, 1), jnp.int32), cache=cache)
+        return step + 1, cache, logits[:, -1], positions + 1, out, done
+
+    out = jnp.full((batch, max_new_tokens), -1, jnp.int32)
+    state = (jnp.int32(0), cache, logits, next_positions, out, jnp.zeros((batch,), bool))
+    return jax.lax.while_loop(cond, body, state)[4]
+
+
+class Generator:
+    """Greedy generation for one model and its params, compiled once per (batch size, prompt width, new tokens)."""
+
+    def __init__(self, model: Llama, params, *, pad_id: int, prefill_chunk: int | None = None,
+                 max_length: int | None = None):
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
+        self.model, self.params, self.pad_id = model, params, pad_id
+        self.prefill_chunk, self.max_length = prefill_chunk, max_length
+        self._prefill = jax.jit(_prefill, static_argnums=0, donate_argnums=2)
+        self._decode = jax.jit(_decode, static_argnums=(0, 5, 6), donate_argnums=2)
+
+    def generate(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
+                 stop_ids: Sequence[int] = ()) -> list[np.ndarray]:
+        """Each prompt's greedy continuation (int32, at most `max_new_tokens` ids, cut after the first stop id) for
+        one batch of prompts (1-D int arrays, each at least one token)."""
+        if not prompts:
+            return []
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if min(len(p) for p in prompts) < 1:
+            raise ValueError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        if self.max_length is not None and longest + max_new_tokens > self.max_length:
+            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+                             f"maximum length {self.max_length}")
+        chunk = self.prefill_chunk or math.ceil(longest / WIDTH_GRANULE) * WIDTH_GRANULE
+        width = math.ceil(longest / chunk) * chunk
+        batch = left_padded(prompts, width, self.pad_id)
+        cache = empty_cache(self.model, len(prompts), width + max_new_tokens)
+        for start in range(0, width, chunk):
+            piece = {key: jnp.asarray(value[:, start:start + chunk]) for key, value in batch.items()}
+            logits, cache = self._prefill(self.model, self.params, cache, piece["tokens"], piece["positions"],
+                                          piece["segment_ids"])
+        next_positions = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        stops = tuple(int(s) for s in stop_ids) or (-2,)
+        out = np.asarray(self._decode(self.model, self.params, cache, logits, next_positions, stops,
+                                      max_new_tokens))
+        results = []
+        for row in out:
+            row = row[row >= 0]
+            stop_at = np.flatnonzero(np.isin(row, stops))
+            results.append(row[: stop_at[0] + 1] if len(stop_at) else row)
+        return results
+
+
+def greedy(model: Llama, params, prompts: Sequence[np.ndarray], *, max_new_tokens: int, pad_id: int,
+           stop_ids: Sequence[int] = (), batch_size: int = 8, prefill_chunk: int | None = None) -> list[np.ndarray]:
+    """Greedy continuations of `prompts` in batches of `batch_size` (prompts of similar length batched together, the
+    last batch filled up with repeats of its last prompt); returned in the order of `prompts`."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    generator = Generator(model, params, pad_id=pad_id, prefill_chunk=prefill_chunk)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[np.ndarray | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = [prompts[i] for i in rows]
+        batch += [batch[-1]] * (batch_size - len(batch))  # a full batch: one compiled shape for every batch
+        continuations = generator.generate(batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+        for row, continuation in zip(rows, continuations):
+            results[row] = continuation
+    return results

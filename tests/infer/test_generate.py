@@ -1,0 +1,134 @@
+"""Cached decoding against the full-sequence forward, for every position scheme; greedy generation against a naive
+loop that re-runs the whole sequence for each token."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longctx import positions
+from longctx.infer import KVCache
+from longctx.infer.generate import Generator, empty_cache, greedy, left_padded
+from longctx.models import Llama, LlamaConfig, init_params
+
+CONFIG = LlamaConfig(vocab_size=41, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                     head_dim=16, attention_impl="xla")
+TRAIN_LENGTH = 6  # short, so that the sequences below run well past it and every extension scheme is active
+SCHEME_PARAMS = {"softplus": {"reweight": True}, "self_extend": {"group_size": 2, "neighbor_window": 3},
+                 "lm_infinite": {"n_global": 2}}
+
+
+def scheme_model(name: str, **config) -> Llama:
+    params = dict(SCHEME_PARAMS.get(name, {}))
+    if "original_max_position_embeddings" in positions.default_params(name):
+        params.setdefault("original_max_position_embeddings", TRAIN_LENGTH)
+    scheme = positions.get(name, head_dim=CONFIG.head_dim, **params)
+    return Llama(dataclasses.replace(CONFIG, **config), position_scheme=scheme)
+
+
+def random_params(model: Llama, seed: int = 0):
+    """Initial params with every leaf perturbed, so zero-initialised ones (CLEX's ODE output) matter too."""
+    params = init_params(model, jax.random.key(seed))[0]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+# Schemes whose tables follow the sequence length. Cached, an earlier token's hidden states (so the keys and values
+# of layers past the first) stay as computed at the length of their time, while the full forward recomputes them at
+# the final length; they agree exactly with one layer, whose keys and values depend on the tokens alone.
+LENGTH_DEPENDENT = {name for name in positions.names()
+                    if getattr(positions.scheme_class(name), "length_dependent", False)} | {"clex"}
+
+
+@pytest.mark.parametrize("name", positions.names())
+def test_cached_decoding_equals_the_full_forward(name):
+    """Rows of different prompt lengths, left-padded, prefilled in chunks and decoded a token at a time: every call's
+    logits equal those of the full forward over the same padded batch up to the call's last column (schemes that
+    follow the length, dynamic NTK and CLEX, see the length reached so far, as in generation)."""
+    model = scheme_model(name, num_layers=1 if name in LENGTH_DEPENDENT else CONFIG.num_layers)
+    params = random_params(model)
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(0, CONFIG.vocab_size, n).astype(np.int32) for n in (19, 14)]
+    prompt_lengths = (7, 2)
+    width, total = 8, 8 + 12
+    batch = left_padded([s[:n] for s, n in zip(sequences, prompt_lengths)], width, pad_id=0)
+    full = {key: np.concatenate([value, np.zeros((2, total - width), np.int32)], 1) for key, value in batch.items()}
+    for row, (sequence, n) in enumerate(zip(sequences, prompt_lengths)):
+        rest = sequence[n:n + total - width]
+        full["tokens"][row, width:width + len(rest)] = rest
+        full["positions"][row, width:] = n + np.arange(total - width)
+        full["segment_ids"][row, width:] = 1
+    forward = jax.jit(lambda params, tokens, pos, seg: model.apply({"params": params}, tokens, pos, seg))
+    cached = jax.jit(lambda params, cache, tokens, pos, seg: model.apply({"params": params}, tokens, pos, seg,
+                                                                          cache=cache))
+    cache = empty_cache(model, 2, total)
+    for start, stop in [(0, 3), (3, 6), (6, 8)] + [(t, t + 1) for t in range(width, total)]:
+        columns = [jnp.asarray(full[key][:, start:stop]) for key in ("tokens", "positions", "segment_ids")]
+        logits, cache = cached(params, cache, *columns)
+        expected = forward(params, *(jnp.asarray(full[key][:, :stop]) for key in ("tokens", "positions",
+                                                                                    "segment_ids")))[:, start:]
+        real = full["segment_ids"][:, start:stop] > 0
+        np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(expected)[real], atol=2e-5, rtol=2e-5,
+                                   err_msg=f"columns {start}:{stop}")
+    assert int(cache.length) == total
+
+
+def test_left_padding_does_not_change_a_row():
+    model = scheme_model("rope")
+    params = random_params(model)
+    prompt = np.arange(1, 10, dtype=np.int32)
+    alone = model.apply({"params": params}, prompt[None])
+    batch = left_padded([prompt], 16, pad_id=0)
+    padded = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
+    np.testing.assert_allclose(padded[0, 7:], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def naive_greedy(model, params, prompt, max_new_tokens, stop_ids=()):
+    tokens = list(prompt)
+    for _ in range(max_new_tokens):
+        logits = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32)[None])
+        tokens.append(int(jnp.argmax(logits[0, -1])))
+        if tokens[-1] in stop_ids:
+            break
+    return np.asarray(tokens[len(prompt):], np.int32)
+
+
+@pytest.mark.parametrize("name,scan_layers", [("rope", False), ("yarn", True), ("self_extend", False)])
+def test_greedy_generation_equals_rerunning_the_whole_sequence(name, scan_layers):
+    model = scheme_model(name, scan_layers=scan_layers)
+    params = random_params(model, seed=3)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(1, CONFIG.vocab_size, n).astype(np.int32) for n in (5, 11, 3)]
+    got = greedy(model, params, prompts, max_new_tokens=6, pad_id=0, batch_size=2, prefill_chunk=4)
+    for prompt, continuation in zip(prompts, got):
+        np.testing.assert_array_equal(continuation, naive_greedy(model, params, prompt, 6))
+
+
+def test_generation_stops_at_a_stop_token():
+    model = scheme_model("rope")
+    params = random_params(model, seed=3)
+    prompt = np.arange(1, 8, dtype=np.int32)
+    free = naive_greedy(model, params, prompt, 6)
+    stop = int(free[2])
+    got = greedy(model, params, [prompt], max_new_tokens=6, pad_id=0, stop_ids=[stop])[0]
+    first = int(np.flatnonzero(free == stop)[0])
+    np.testing.assert_array_equal(got, free[: first + 1])
+
+
+def test_bad_requests_are_refused():
+    model = scheme_model("rope")
+    params = random_params(model)
+    generator = Generator(model, params, pad_id=0, max_length=10)
+    with pytest.raises(ValueError, match="a prompt of 8 tokens plus max_new_tokens=4 exceeds the maximum length 10"):
+        generator.generate([np.arange(8, dtype=np.int32)], max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int"):
+        generator.generate([np.arange(3, dtype=np.int32)], max_new_tokens=0)
+    with pytest.raises(ValueError, match="prefill_chunk must be a positive int"):
+        Generator(model, params, pad_id=0, prefill_chunk=0)
+    with pytest.raises(ValueError, match="max_length must be a positive int"):
+        KVCache.empty(num_layers=1, batch_size=1, max_length=0, num_kv_heads=1, head_dim=4)
+    with pytest.raises(ValueError, match="a KV cache is for inference"):
+        model.apply({"params": params}, jnp.zeros((1, 2), jnp.int32), cache=empty_cache(model, 1, 4), train=True)
