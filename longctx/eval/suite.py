@@ -1,10 +1,22 @@
-"""`evaluate(workdir, lengths, schemes)`: perplexity of a trained run at each length under each position scheme.
+"""`evaluate(workdir, lengths, schemes, options)`: a trained run measured at each length under each position scheme,
+on every task asked for.
+
+Tasks (`TASKS`):
+- "ppl": perplexity vs length on held-out documents (`ppl.py`; also sliding-window perplexity with
+  `Options.stride`) and the loss as a function of position at the longest length.
+- "passkey", "niah", "ruler": retrieval prompts built per length (and depth) by `passkey.py`, `niah.py`,
+  `ruler.py`, answered by greedy generation through the KV cache (`longctx.infer.generate`), scored per sample.
+- "longbench": LongBench- / L-Eval-style jsonl files the user brings (`longbench.py`), truncated in the middle to
+  each length.
 
 The scheme at evaluation time may differ from training's: the run's parameters are kept and only the scheme is
-swapped, taking over the trained scheme's parameters that the new one shares (e.g. `theta`).
+swapped, taking over the trained scheme's parameters that the new one shares (e.g. `theta`); `overrides` set the
+scheme's own parameters (`--config.model.positions.factor=8`).
 """
 
+import collections
 import dataclasses
+import json
 import logging
 import numbers
 import pathlib
@@ -18,17 +30,67 @@ import tqdm
 from longctx import positions
 from longctx.config import positions_config
 from longctx.data import Tokenizer, load_documents, load_tokenizer, tokenize_documents
-from longctx.eval import ppl
-from longctx.models import build_model, check_forward, init_params
+from longctx.eval import longbench, niah, passkey, ppl, ruler
+from longctx.eval.tasks import Sample
+from longctx.infer.generate import Generator
+from longctx.models import adapt_params, build_model, check_forward, init_params
 from longctx.train import checkpoint
 
 log = logging.getLogger("longctx.eval")
 
+TASKS = ("ppl", "passkey", "niah", "ruler", "longbench")
+GENERATION_TASKS = ("passkey", "niah", "ruler", "longbench")
 
-def scheme_config(trained: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-    """`model.positions` for scheme `name`, sharing the trained scheme's values of the parameters both take."""
-    shared = {key: value for key, value in trained.items() if key != "name" and key in positions.default_params(name)}
-    return positions_config(name, **shared)
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How to run the tasks. depths: needle depths of passkey and niah (0 = start, 1 = end); num_samples: prompts
+    per (task, length, depth) cell; stride: also sliding-window perplexity with this stride (None: not);
+    haystack: a text file for niah and RULER's essay tasks (None: the run's held-out documents); ruler_tasks:
+    which RULER tasks; longbench: jsonl files; batch_size: generation batch (None: the run's eval.batch_size);
+    prefill_chunk: prompt columns per prefill call (bounds the score matrix); seed: of every sampled prompt."""
+
+    tasks: tuple[str, ...] = ("ppl",)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    num_samples: int = 4
+    stride: int | None = None
+    haystack: str | None = None
+    ruler_tasks: tuple[str, ...] = ruler.TASKS
+    longbench: tuple[str, ...] = ()
+    batch_size: int | None = None
+    prefill_chunk: int | None = 1024
+    seed: int = 0
+
+    def check(self) -> None:
+        unknown = [task for task in self.tasks if task not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"--tasks must name some of {', '.join(TASKS)}, got {','.join(self.tasks) or 'none'}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"--tasks names a task twice: {','.join(self.tasks)}")
+        if not self.depths or any(not 0 <= d <= 1 for d in self.depths) or list(self.depths) != sorted(set(
+                self.depths)):
+            raise ValueError(f"--depths must be increasing numbers in [0, 1], got {list(self.depths)}")
+        for name in ("num_samples", "stride", "batch_size", "prefill_chunk"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or value < 1):
+                raise ValueError(f"--{name} must be a positive int, got {value!r}")
+        bad = [name for name in self.ruler_tasks if name not in ruler.TASKS]
+        if bad:
+            raise ValueError(f"--ruler_tasks: unknown {', '.join(bad)}; RULER tasks: {', '.join(ruler.TASKS)}")
+        if "longbench" in self.tasks and not self.longbench:
+            raise ValueError("--tasks longbench needs --longbench=<file.jsonl,...> (LongBench or L-Eval jsonl)")
+        for path in (*self.longbench, *([self.haystack] if self.haystack else [])):
+            if not pathlib.Path(path).is_file():
+                raise FileNotFoundError(f"no such file: {path}")
+
+
+@dataclasses.dataclass
+class Scheme:
+    """A position scheme to evaluate with: its label in tables and its `model.positions` config."""
+
+    label: str
+    positions: ml_collections.ConfigDict
 
 
 @dataclasses.dataclass
@@ -38,17 +100,47 @@ class Evaluation:
     workdir: pathlib.Path
     config: ml_collections.ConfigDict
     step: int
-    schemes: list[str]
+    schemes: list[Scheme]
     lengths: list[int]
+    options: Options
     tokenizer: Tokenizer
-    windows: dict[int, np.ndarray]
-    unigram_log_probs: np.ndarray
+    windows: dict[int, np.ndarray] | None
+    unigram_log_probs: np.ndarray | None
+    samples: dict[str, list[Sample]]
 
 
-def scheme_model(config: ml_collections.ConfigDict, name: str, vocab_size: int):
-    """The run's model with position scheme `name` in place of the trained one (same parameters)."""
+def scheme_config(trained: ml_collections.ConfigDict, name: str, overrides: dict | None = None
+                  ) -> ml_collections.ConfigDict:
+    """`model.positions` for scheme `name`: the trained scheme's values of the parameters both take, then those of
+    `overrides` that this scheme takes."""
+    params = positions.default_params(name)
+    shared = {key: value for key, value in trained.items() if key != "name" and key in params}
+    shared.update({key: value for key, value in (overrides or {}).items() if key in params})
+    return positions_config(name, **shared)
+
+
+def resolve_schemes(trained: ml_collections.ConfigDict, names: list[str] | None,
+                    overrides: dict | None = None) -> list[Scheme]:
+    """The schemes `--positions` names (default: the trained one; "all": every registered scheme, the trained one
+    first), each with `overrides` applied where it takes them."""
+    names = names or [trained.name]
+    if "all" in names:
+        names = [trained.name] + [name for name in positions.names() if name != trained.name]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--positions names a scheme twice: {','.join(names)}")
+    for name in names:
+        positions.scheme_class(name)
+    for key in overrides or {}:
+        if not any(key in positions.default_params(name) for name in names):
+            raise ValueError(f"--config.model.positions.{key}: none of the evaluated schemes ({', '.join(names)}) "
+                             f"takes {key!r}")
+    return [Scheme(name, scheme_config(trained, name, overrides)) for name in names]
+
+
+def scheme_model(config: ml_collections.ConfigDict, scheme: Scheme, vocab_size: int):
+    """The run's model with `scheme` in place of the trained one (same parameters)."""
     model_config = ml_collections.ConfigDict(config.model.to_dict())
-    model_config.positions = scheme_config(config.model.positions, name)
+    model_config.positions = scheme.positions
     return build_model(model_config, vocab_size, config.data.seq_len)
 
 
@@ -59,22 +151,38 @@ def check_lengths(lengths: list[int]) -> None:
         raise ValueError(f"--lengths must be increasing without repeats, got {','.join(map(str, lengths))}")
 
 
-def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] | None = None,
-            step: int | None = None, num_documents: int | None = None) -> Evaluation:
-    """Checks the request and loads the held-out windows; raises ValueError / FileNotFoundError naming the culprit.
+def build_samples(options: Options, tokenizer: Tokenizer, lengths: list[int], haystack: str | None
+                  ) -> dict[str, list[Sample]]:
+    """The prompts of every generation task asked for."""
+    samples = {}
+    common = {"num_samples": options.num_samples, "seed": options.seed}
+    if "passkey" in options.tasks:
+        samples["passkey"] = passkey.build(tokenizer, lengths, options.depths, **common)
+    if "niah" in options.tasks:
+        samples["niah"] = niah.build(tokenizer, lengths, options.depths, haystack=haystack, **common)
+    if "ruler" in options.tasks:
+        samples["ruler"] = ruler.build(tokenizer, lengths, tasks=options.ruler_tasks, haystack=haystack, **common)
+    if "longbench" in options.tasks:
+        samples["longbench"] = [sample for length in lengths for path in options.longbench
+                                for sample in longbench.load(path, tokenizer, length, limit=options.num_samples)]
+    return samples
 
-    `schemes` defaults to the trained scheme; "all" in it means every registered scheme, the trained one first.
+
+def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] | list[Scheme] | None = None, *,
+            options: Options = Options(), step: int | None = None, num_documents: int | None = None,
+            overrides: dict | None = None) -> Evaluation:
+    """Checks the request and builds every input; raises ValueError / FileNotFoundError naming the culprit.
+
+    `schemes`: names (see `resolve_schemes`) or ready `Scheme`s (labelled variants, as the bake-off passes).
     """
     workdir = pathlib.Path(workdir)
     config = checkpoint.load_run_config(workdir)
-    trained = config.model.positions.name
-    schemes = schemes or [trained]
-    if "all" in schemes:
-        schemes = [trained] + [name for name in positions.names() if name != trained]
-    if len(set(schemes)) != len(schemes):
-        raise ValueError(f"--positions names a scheme twice: {','.join(schemes)}")
-    for name in schemes:
-        positions.scheme_class(name)
+    options.check()
+    if schemes and all(isinstance(s, Scheme) for s in schemes):
+        if len({s.label for s in schemes}) != len(schemes):
+            raise ValueError(f"scheme labels must differ, got {[s.label for s in schemes]}")
+    else:
+        schemes = resolve_schemes(config.model.positions, schemes, overrides)
     check_lengths(lengths)
     num_documents = config.eval.num_documents if num_documents is None else num_documents
     if isinstance(num_documents, bool) or not isinstance(num_documents, numbers.Integral) or num_documents < 1:
@@ -88,41 +196,106 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
         raise ValueError(f"--step {step} has no checkpoint in {workdir}; it has steps {sorted(available)}")
 
     tokenizer = load_tokenizer(config.data.tokenizer)
-    for name in schemes:
-        model = scheme_model(config, name, tokenizer.vocab_size)
+    generating = any(task in GENERATION_TASKS for task in options.tasks)
+    longest_answer = max([*ruler.MAX_NEW_TOKENS.values(), 16]) if generating else 0
+    for scheme in schemes:
+        model = scheme_model(config, scheme, tokenizer.vocab_size)
+        limit = model.position_scheme.max_length()
+        if limit is not None and max(lengths) > limit:
+            raise ValueError(f"position scheme {scheme.label!r} is defined up to {limit} tokens, and --lengths goes "
+                             f"to {max(lengths)}; evaluate at shorter lengths or raise the scheme's range")
         for length in lengths:
-            check_forward(model, config.eval.batch_size, length, packed=False)
+            check_forward(model, config.eval.batch_size, length, packed=generating)
 
     def tokenized(split: str) -> list[np.ndarray]:
-        documents = load_documents(config.data.source, split, text_field=config.data.text_field,
-                                   valid_fraction=config.data.valid_fraction)
-        return tokenize_documents(documents, tokenizer)
+        return tokenize_documents(documents(split), tokenizer)
 
-    windows = ppl.eval_windows(tokenized("valid"), lengths, num_documents)
-    found = len(windows[lengths[0]])
-    if found < num_documents:
-        log.warning("only %d held-out documents have %d tokens or more; evaluating on %d, not the %d asked for",
-                    found, max(lengths), found, num_documents)
-    unigram = ppl.unigram_log_probs(tokenized("train"), tokenizer.vocab_size)
-    return Evaluation(workdir, config, step or max(available), schemes, lengths, tokenizer, windows, unigram)
+    def documents(split: str) -> list[str]:
+        return load_documents(config.data.source, split, text_field=config.data.text_field,
+                              valid_fraction=config.data.valid_fraction)
+
+    windows = unigram = None
+    if "ppl" in options.tasks:
+        windows = ppl.eval_windows(tokenized("valid"), lengths, num_documents)
+        found = len(windows[lengths[0]])
+        if found < num_documents:
+            log.warning("only %d held-out documents have %d tokens or more; evaluating on %d, not the %d asked for",
+                        found, max(lengths), found, num_documents)
+        unigram = ppl.unigram_log_probs(tokenized("train"), tokenizer.vocab_size)
+        if options.stride is not None and options.stride > min(lengths):
+            raise ValueError(f"--stride {options.stride} is longer than the shortest length {min(lengths)}")
+    haystack = None
+    if {"niah", "ruler"} & set(options.tasks):
+        haystack = (pathlib.Path(options.haystack).read_text() if options.haystack
+                    else "\n".join(documents("valid")))
+    samples = build_samples(options, tokenizer, lengths, haystack)
+    return Evaluation(workdir, config, step or max(available), schemes, lengths, options, tokenizer, windows, unigram,
+                      samples)
 
 
-def params_for(model, params: dict, name: str) -> dict:
-    """The trained `params` as `model` (the run's model under scheme `name`) takes them: parameters of the trained
-    scheme that this one lacks are dropped, and those this scheme owns but the run never trained (CLEX's ODE on a RoPE
-    run) start from their initial values, which is how the scheme's paper applies it without training."""
-    abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0))[0])
-    fresh = sorted(set(abstract) - set(params))
-    if fresh:
-        log.info("position scheme %s: %s not in the checkpoint; using their initial values", name, ", ".join(fresh))
-        initial = init_params(model, jax.random.key(0))[0]
-        params = {**params, **{key: initial[key] for key in fresh}}
-    return {key: params[key] for key in abstract}
+def perplexity_results(evaluation: Evaluation, model, params) -> dict[str, Any]:
+    """ppl (and sliding-window ppl) at each length, and the loss by position at the longest."""
+    lengths, windows, batch_size = evaluation.lengths, evaluation.windows, evaluation.config.eval.batch_size
+    results = {"ppl": {}, "position_loss": None}
+    for length in lengths:
+        nll = ppl.model_nll(model, params, windows[length], batch_size)
+        results["ppl"][str(length)] = ppl.perplexity(nll)
+        if length == lengths[-1]:
+            results["position_loss"] = ppl.loss_by_position(nll)
+    if evaluation.options.stride is not None:
+        longest = windows[lengths[-1]]
+        results["ppl_sliding"] = {
+            str(length): ppl.perplexity(ppl.sliding_nll(model, params, longest, length,
+                                                        min(evaluation.options.stride, length), batch_size))
+            for length in lengths}
+    return results
+
+
+def generation_results(evaluation: Evaluation, generator: Generator, task: str) -> dict[str, Any]:
+    """Greedy answers to `task`'s samples, scored: the mean by length (and by depth, per RULER task or per
+    LongBench dataset), and one example answer per (task, length)."""
+    samples, tokenizer = evaluation.samples[task], evaluation.tokenizer
+    scorer = {"passkey": passkey.score, "niah": niah.score, "ruler": ruler.score, "longbench": longbench.score}[task]
+    batch_size = evaluation.options.batch_size or evaluation.config.eval.batch_size
+    groups = collections.defaultdict(list)
+    for index, sample in enumerate(samples):
+        groups[sample.max_new_tokens].append(index)
+    predictions = [""] * len(samples)
+    for max_new_tokens, indices in groups.items():
+        order = sorted(indices, key=lambda i: len(samples[i].prompt))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            prompts = [samples[i].prompt for i in rows]
+            prompts += [prompts[-1]] * (batch_size - len(prompts))
+            outputs = generator.generate(prompts, max_new_tokens=max_new_tokens, stop_ids=[tokenizer.eos_id])
+            for i, output in zip(rows, outputs):
+                predictions[i] = tokenizer.decode(output)
+    by_cell = collections.defaultdict(list)
+    for sample, prediction in zip(samples, predictions):
+        score = scorer(prediction, sample)
+        by_cell[(sample.task, sample.length)].append(score)
+        if sample.depth is not None and task in ("passkey", "niah"):
+            by_cell[(sample.task, sample.length, sample.depth)].append(score)
+        if task == "niah":
+            by_cell[("niah/exact", sample.length)].append(niah.exact_match(prediction, sample))
+    result: dict[str, Any] = collections.defaultdict(dict)
+    for key, scores in sorted(by_cell.items(), key=lambda item: tuple(map(str, item[0]))):
+        name, length = key[0], str(key[1])
+        if len(key) == 3:
+            result.setdefault(f"{name}/by_depth", {}).setdefault(length, {})[str(key[2])] = float(np.mean(scores))
+        else:
+            result[name][length] = float(np.mean(scores))
+    examples = {}
+    for sample, prediction in zip(samples, predictions):
+        examples.setdefault(f"{sample.task}@{sample.length}", {"answers": list(sample.answers),
+                                                               "prediction": prediction})
+    result["examples"] = examples
+    return dict(result)
 
 
 def run(evaluation: Evaluation) -> dict[str, Any]:
-    """Computes every perplexity of `evaluation`; returns the report as a JSON-able dict."""
-    config, lengths, windows = evaluation.config, evaluation.lengths, evaluation.windows
+    """Runs every task of `evaluation`; returns the report as a JSON-able dict."""
+    config, lengths, options = evaluation.config, evaluation.lengths, evaluation.options
     vocab_size = evaluation.tokenizer.vocab_size
     trained_model = build_model(config.model, vocab_size, config.data.seq_len)
     abstract = jax.eval_shape(lambda: init_params(trained_model, jax.random.key(0))[0])
@@ -130,26 +303,43 @@ def run(evaluation: Evaluation) -> dict[str, Any]:
     params = checkpoints.restore_params(evaluation.step, abstract)
     checkpoints.close()
 
-    report = {
+    report: dict[str, Any] = {
         "workdir": str(evaluation.workdir), "step": evaluation.step, "train_seq_len": config.data.seq_len,
-        "lengths": lengths, "num_documents": len(windows[lengths[0]]),
-        "trained_positions": config.model.positions.to_dict(), "ppl": {},
-        "unigram": {str(n): ppl.perplexity(ppl.unigram_nll(evaluation.unigram_log_probs, windows[n]))
-                    for n in lengths},
+        "lengths": lengths, "tasks": list(options.tasks),
+        "options": json.loads(json.dumps(dataclasses.asdict(options))),
+        "trained_positions": config.model.positions.to_dict(),
+        "schemes": {scheme.label: scheme.positions.to_dict() for scheme in evaluation.schemes},
     }
-    with tqdm.tqdm(total=len(evaluation.schemes) * len(lengths), desc="eval", disable=None) as bar:
-        for name in evaluation.schemes:
-            model = scheme_model(config, name, vocab_size)
-            model_params = params_for(model, params, name)
-            report["ppl"][name] = {}
-            for length in lengths:
-                nll = ppl.model_nll(model, model_params, windows[length], config.eval.batch_size)
-                report["ppl"][name][str(length)] = ppl.perplexity(nll)
+    if evaluation.windows is not None:
+        report["num_documents"] = len(evaluation.windows[lengths[0]])
+        report["unigram"] = {str(n): ppl.perplexity(ppl.unigram_nll(evaluation.unigram_log_probs,
+                                                                     evaluation.windows[n])) for n in lengths}
+        report["ppl"], report["position_loss"] = {}, {}
+        if options.stride is not None:
+            report["ppl_sliding"] = {}
+    for task in evaluation.samples:
+        report[task] = {}
+    with tqdm.tqdm(total=len(evaluation.schemes) * len(options.tasks), desc="eval", disable=None) as bar:
+        for scheme in evaluation.schemes:
+            model = scheme_model(config, scheme, vocab_size)
+            model_params = adapt_params(model, params, scheme.label)
+            if evaluation.windows is not None:
+                results = perplexity_results(evaluation, model, model_params)
+                for key, value in results.items():
+                    report[key][scheme.label] = value
+                bar.update(1)
+            generator = Generator(model, model_params, pad_id=evaluation.tokenizer.pad_id,
+                                  prefill_chunk=options.prefill_chunk)
+            for task in evaluation.samples:
+                bar.set_postfix_str(f"{scheme.label}: {task}")
+                report[task][scheme.label] = generation_results(evaluation, generator, task)
                 bar.update(1)
     return report
 
 
-def evaluate(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] | None = None,
-             step: int | None = None, num_documents: int | None = None) -> dict[str, Any]:
+def evaluate(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] | list[Scheme] | None = None, *,
+             options: Options = Options(), step: int | None = None, num_documents: int | None = None,
+             overrides: dict | None = None) -> dict[str, Any]:
     """Evaluates the run in `workdir` (its newest checkpoint, or `step`); returns the report."""
-    return run(prepare(workdir, lengths, schemes, step=step, num_documents=num_documents))
+    return run(prepare(workdir, lengths, schemes, options=options, step=step, num_documents=num_documents,
+                       overrides=overrides))

@@ -1,5 +1,8 @@
 """Models: the Llama-style decoder and its construction from a config."""
 
+import logging
+
+import jax
 import ml_collections
 
 from longctx import positions
@@ -53,4 +56,20 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int, train_
     return Llama(llama_config, position_scheme=scheme)
 
 
-__all__ = ["Llama", "LlamaConfig", "build_model", "check_forward", "init_params", "param_structure"]
+def adapt_params(model: Llama, params: dict, label: str = "") -> dict:
+    """Trained `params` as `model` takes them, when `model` has another position scheme than the run that trained
+    them: parameters of the old scheme that this one lacks are dropped, and those this scheme owns but the run never
+    trained (CLEX's ODE on a RoPE run) start from their initial values — how the scheme's paper applies it without
+    training, and where a fine-tune starts from."""
+    abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0))[0])
+    fresh = sorted(set(abstract) - set(params))
+    if fresh:
+        logging.getLogger("longctx.models").info("position scheme %s: %s not in the checkpoint; using their initial "
+                                                 "values", label or model.position_scheme.scheme_name,
+                                                 ", ".join(fresh))
+        initial = init_params(model, jax.random.key(0))[0]
+        params = {**params, **{key: initial[key] for key in fresh}}
+    return {key: params[key] for key in abstract}
+
+
+__all__ = ["Llama", "adapt_params", "LlamaConfig", "build_model", "check_forward", "init_params", "param_structure"]

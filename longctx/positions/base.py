@@ -46,6 +46,10 @@ class PositionScheme(nn.Module):
     def check_mask(self, mask: masks.Mask) -> None:
         """Raises ValueError if this scheme cannot run under the layers' mask (`model.attention.mask`)."""
 
+    def max_length(self) -> int | None:
+        """The longest sequence this scheme is defined for (None: any length)."""
+        return None
+
     def __call__(self, positions: jax.Array, kv_positions: jax.Array | None = None, *,
                  train: bool = False) -> PositionEncoding:
         """positions: [B, T] int32 of the queries; kv_positions: [B, S] of the keys (default: the same).

@@ -113,6 +113,11 @@ class CLEX(RoPE):
         t = (seq_len + self.original_max_position_embeddings - 1) // self.original_max_position_embeddings
         return jnp.clip(t, 1, self.max_factor).astype(jnp.int32)
 
+    def max_length(self) -> int:
+        """max_factor · L: the ODE is solved up to t = max_factor, and a longer sequence would read positions with
+        frequencies the scheme was never trained or solved for."""
+        return self.max_factor * self.original_max_position_embeddings
+
     def inv_freq(self, seq_len: int | None = None):
         raise NotImplementedError("CLEX's frequencies depend on its trained ODE parameters: call the scheme inside "
                                   "the model (frequency_table gives them per integer scale factor)")

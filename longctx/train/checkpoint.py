@@ -22,7 +22,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
-REPORT_FILES = ("report.json", "report.md", "ppl_vs_length.png")
+REPORT_FILES = ("report.json", "report.md", "ppl_vs_length.png")  # report.json lists the report's other files
 RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, TENSORBOARD_DIR)  # a workdir with any of these holds a run
 
 # Fields that change how a run is logged or saved, never what it computes: a resume may change them. Also where a
@@ -103,6 +103,18 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, r
                            f"(converted from HF?), without the optimizer and data state a resume continues from")
 
 
+def report_files(directory: pathlib.Path) -> list[pathlib.Path]:
+    """The files of the evaluation report in `directory`: REPORT_FILES and those its report.json lists."""
+    names = list(REPORT_FILES)
+    try:
+        listed = json.loads((directory / REPORT_FILES[0]).read_text()).get("files", [])
+        names += [name for name in listed if isinstance(name, str) and "/" not in name and not name.startswith(".")
+                  and name not in names]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return [directory / name for name in names]
+
+
 def holds_run(workdir: pathlib.Path) -> bool:
     return any((workdir / name).exists() for name in RUN_ARTIFACTS)
 
@@ -111,8 +123,7 @@ def start_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, o
     """After `check_workdir`: removes the old run's own files and its report if `overwrite`, and writes the config
     of a new run."""
     if overwrite:
-        for name in (*RUN_ARTIFACTS, *REPORT_FILES):
-            path = workdir / name
+        for path in [workdir / name for name in RUN_ARTIFACTS] + report_files(workdir):
             if path.is_dir():
                 shutil.rmtree(path)
             else:

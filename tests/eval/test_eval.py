@@ -1,5 +1,6 @@
 """Perplexity evaluation of a trained run: numbers against a direct computation, the report, the command line."""
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -14,6 +15,7 @@ import pytest
 
 from longctx import positions
 from longctx.eval import ppl, suite, write_report
+from longctx.models import init_params
 from longctx.train import train
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -65,9 +67,14 @@ def test_evaluate_every_scheme_and_write_the_report(trained_run, tmp_path):
         assert all(np.isfinite(scheme[n]["ppl"]) and scheme[n]["ppl"] > 1 for n in ("16", "32"))
     assert report["ppl"]["rope"]["16"]["tokens"] == report["num_documents"] * 15
     paths = write_report(report, tmp_path)
-    assert json.loads(paths["json"].read_text()) == report
+    written = json.loads(paths["json"].read_text())
+    assert written.pop("files") == sorted(["report.json", "report.md", "ppl_vs_length.png", "loss_vs_position.png"])
+    assert written == report
     assert "| rope (trained) |" in paths["markdown"].read_text()
-    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for plot in ("plot", "position_plot"):
+        assert paths[plot].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curve = report["position_loss"]["rope"]
+    assert sum(curve["tokens"]) == report["num_documents"] * 31 and curve["position"] == sorted(curve["position"])
 
 
 def test_evaluation_errors_name_the_problem(trained_run, tmp_path):
@@ -115,3 +122,109 @@ def test_command_line_prints_the_table(trained_run, tmp_path):
     replaced = subprocess.run(again + ["--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert replaced.returncode == 0, replaced.stderr
     assert json.loads((tmp_path / "report.json").read_text())["lengths"] == [16]
+
+
+def test_sliding_window_loss_reads_each_token_through_its_window(trained_run):
+    """Every token's loss equals the model's loss on it in the window that first predicts it, computed one window at
+    a time; at window = document length it is the plain per-position loss."""
+    config = suite.checkpoint.load_run_config(trained_run)
+    model = suite.scheme_model(config, suite.resolve_schemes(config.model.positions, None)[0], 259)
+    params = init_params(model, jax.random.key(0))[0]
+    docs = np.random.default_rng(0).integers(0, 256, (2, 23)).astype(np.int32)
+    window, stride = 8, 3
+    got = ppl.sliding_nll(model, params, docs, window, stride, batch_size=3)
+    ends = [8, 11, 14, 17, 20, 23]
+    for target in range(1, 23):
+        end = min(e for e in ends if e - 1 >= target) if target >= window else window
+        start = end - window
+        logits = model.apply({"params": params}, jnp.asarray(docs[:, start:end]))
+        expected = optax.softmax_cross_entropy_with_integer_labels(logits[:, target - start - 1],
+                                                                   jnp.asarray(docs[:, target]))
+        np.testing.assert_allclose(got[:, target - 1], expected, rtol=1e-5, atol=1e-6, err_msg=f"token {target}")
+    np.testing.assert_allclose(ppl.sliding_nll(model, params, docs, 23, 5, batch_size=2),
+                               ppl.model_nll(model, params, docs, batch_size=2), rtol=1e-6)
+    with pytest.raises(ValueError, match="needs 1 <= stride <= window <= document length"):
+        ppl.sliding_nll(model, params, docs, 24, 3, batch_size=2)
+
+
+def test_loss_by_position_averages_every_position_once():
+    nll = np.arange(2 * 99, dtype=np.float64).reshape(2, 99)
+    curve = ppl.loss_by_position(nll, num_bins=8)
+    assert sum(curve["tokens"]) == nll.size
+    weighted = np.sum(np.multiply(curve["loss"], curve["tokens"])) / nll.size
+    assert weighted == pytest.approx(nll.mean())
+    assert curve["position"][0] == 1.0 and curve["loss"][0] == pytest.approx((0 + 99) / 2)
+
+
+def test_retrieval_tasks_report_scores_heatmaps_and_tables(trained_run, tmp_path):
+    options = suite.Options(tasks=("passkey", "niah", "ruler"), depths=(0.0, 1.0), num_samples=2,
+                            ruler_tasks=("niah_single_1", "niah_single_3"), batch_size=3, prefill_chunk=128)
+    report = suite.evaluate(trained_run, [384, 512], ["rope", "self_extend"], options=options)
+    for task, metric in (("passkey", "passkey"), ("niah", "niah"), ("niah", "niah/exact"),
+                         ("ruler", "ruler/niah_single_1")):
+        for scheme in ("rope", "self_extend"):
+            scores = report[task][scheme][metric]
+            assert sorted(scores) == ["384", "512"] and all(0 <= v <= 1 for v in scores.values())
+    assert sorted(report["passkey"]["rope"]["passkey/by_depth"]["384"]) == ["0.0", "1.0"]
+    assert report["passkey"]["rope"]["examples"]["passkey@384"]["answers"][0].isdigit()
+    paths = write_report(report, tmp_path)
+    names = json.loads(paths["json"].read_text())["files"]
+    for name in ("passkey_rope.png", "niah_self_extend.png", "retrieval_vs_length.png"):
+        assert name in names and (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = paths["markdown"].read_text()
+    assert "## Pass-key retrieval" in text and "| rope (trained) | niah_single_3 |" in text
+
+    # A second report replaces the first one's files, the heatmaps of schemes it no longer has included.
+    write_report(suite.evaluate(trained_run, [384], ["rope"], options=dataclasses.replace(
+        options, tasks=("passkey",))), tmp_path)
+    assert not (tmp_path / "niah_self_extend.png").exists() and (tmp_path / "passkey_rope.png").exists()
+
+
+def test_generation_answers_come_from_the_kv_cache(trained_run):
+    """The suite's answers equal those of a naive loop re-running the whole sequence (rope: no length dependence)."""
+    options = suite.Options(tasks=("passkey",), depths=(0.5,), num_samples=2, batch_size=2)
+    evaluation = suite.prepare(trained_run, [300], options=options)
+    report = suite.run(evaluation)
+    config = evaluation.config
+    model = suite.scheme_model(config, evaluation.schemes[0], 259)
+    abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0))[0])
+    checkpoints = suite.checkpoint.Checkpoints(trained_run)
+    params = checkpoints.restore_params(evaluation.step, abstract)
+    checkpoints.close()
+    sample = evaluation.samples["passkey"][0]
+    tokens = list(sample.prompt)
+    for _ in range(sample.max_new_tokens):
+        tokens.append(int(jnp.argmax(model.apply({"params": params}, jnp.asarray(tokens)[None])[0, -1])))
+        if tokens[-1] == evaluation.tokenizer.eos_id:
+            break
+    expected = evaluation.tokenizer.decode(tokens[len(sample.prompt):])
+    assert report["passkey"]["rope"]["examples"]["passkey@300"]["prediction"] == expected
+
+
+def test_task_errors_name_the_problem(trained_run, tmp_path):
+    with pytest.raises(ValueError, match="--tasks must name some of ppl, passkey, niah, ruler, longbench, got pasky"):
+        suite.prepare(trained_run, [64], options=suite.Options(tasks=("pasky",)))
+    with pytest.raises(ValueError, match="--tasks longbench needs --longbench"):
+        suite.prepare(trained_run, [64], options=suite.Options(tasks=("longbench",)))
+    with pytest.raises(ValueError, match=r"--depths must be increasing numbers in \[0, 1\]"):
+        suite.prepare(trained_run, [64], options=suite.Options(tasks=("passkey",), depths=(0.5, 1.5)))
+    with pytest.raises(ValueError, match="--ruler_tasks: unknown vtt"):
+        suite.prepare(trained_run, [64], options=suite.Options(tasks=("ruler",), ruler_tasks=("vtt",)))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        suite.prepare(trained_run, [64], options=suite.Options(tasks=("niah",), haystack=str(tmp_path / "x.txt")))
+    with pytest.raises(ValueError, match="'clex' is defined up to 64 tokens, and --lengths goes to 128"):
+        suite.prepare(trained_run, [64, 128], ["clex"], overrides={"max_factor": 2},
+                      options=suite.Options(tasks=("passkey",)))
+    with pytest.raises(ValueError, match="none of the evaluated schemes \\(rope\\) takes 'factor'"):
+        suite.prepare(trained_run, [64], ["rope"], overrides={"factor": 4.0})
+
+
+def test_command_line_runs_retrieval_with_a_scheme_override(trained_run, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "longctx.eval", f"--workdir={trained_run}", "--lengths=256,300", "--tasks=passkey",
+         "--positions=yarn", "--config.model.positions.factor=8", "--depths=0,1", "--num_samples=1",
+         f"--output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "## Pass-key retrieval" in result.stdout and "| yarn |" in result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["schemes"]["yarn"]["factor"] == 8 and (tmp_path / "passkey_yarn.png").exists()
