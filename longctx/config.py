@@ -72,6 +72,9 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.valid_fraction = 0.05  # Share of documents held out for evaluation, chosen by a stable hash of the path.
     c.data.tokenizer = "byte"  # "byte", a HF tokenizer.json path, or a sentencepiece .model path.
     c.data.seq_len = 4096  # Training length: documents are cut into pieces of at most this and packed.
+    # Share of training documents that are synthetic pass-key prompts with their answers (longctx.eval.passkey), of
+    # up to seq_len tokens: teaches a small model to retrieve within its training length. 0: none.
+    c.data.passkey_fraction = 0.0
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 10_000  # Length of the learning-rate schedule, and where training ends.
@@ -88,6 +91,9 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.log_every = 10  # Steps between lines of metrics.jsonl.
     c.train.checkpoint_every = 1000  # Steps between checkpoints (the last step is always saved).
     c.train.keep_checkpoints = 2  # How many recent checkpoints orbax keeps.
+    # A workdir whose newest params start this run (fine-tuning, e.g. at a longer length or with another position
+    # scheme); params the source lacks (a new scheme's) start from their initial values. "": train from scratch.
+    c.train.init_from = ""
     c.train.tensorboard = False  # Also write TensorBoard event files (needs tensorboardX) under <workdir>/tensorboard.
 
     c.parallel = ml_collections.ConfigDict()  # The device mesh (longctx/parallel/mesh.py); sizes multiply.
@@ -168,3 +174,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"parallel.layout must be one of {', '.join(layout.LAYOUTS)}, got {config.parallel.layout!r}")
     if not 0 < config.data.valid_fraction < 1:
         raise ValueError(f"data.valid_fraction must be in (0, 1), got {config.data.valid_fraction}")
+    if not 0 <= config.data.passkey_fraction < 1:
+        raise ValueError(f"data.passkey_fraction must be in [0, 1), got {config.data.passkey_fraction}")

@@ -27,7 +27,8 @@ import optax
 
 from longctx.config import validate
 from longctx.data import load_documents, load_tokenizer, packed_batches, split_into_pieces, tokenize_documents
-from longctx.models import Llama, build_model, check_forward, init_params, param_structure
+from longctx.eval import passkey
+from longctx.models import Llama, adapt_params, build_model, check_forward, init_params, param_structure
 from longctx.train import checkpoint, metrics
 from longctx.train.determinism import warn_if_not_reproducible
 from longctx.parallel import distributed, layout, mesh as mesh_lib
@@ -73,6 +74,12 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer):
     documents = load_documents(config.data.source, "train", text_field=config.data.text_field,
                                valid_fraction=config.data.valid_fraction)
     pieces = split_into_pieces(tokenize_documents(documents, tokenizer), config.data.seq_len)
+    fraction = config.data.passkey_fraction
+    if fraction:
+        rng = np.random.default_rng([config.seed, 1])
+        texts = [passkey.training_text(tokenizer, config.data.seq_len, rng)
+                 for _ in range(round(len(pieces) * fraction / (1 - fraction)))]
+        pieces += tokenize_documents(texts, tokenizer)
     dataset = packed_batches(pieces, seq_len=config.data.seq_len, batch_size=config.train.batch_size,
                              seed=config.seed, pad_id=tokenizer.pad_id)
     return iter(dataset)
@@ -114,6 +121,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, r
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_RULES):
         check_forward(model, micro_batch, config.data.seq_len, packed=True, abstract_params=abstract_params)
     checkpoint.check_workdir(workdir, config, resume=resume, overwrite=overwrite)
+    if config.train.init_from:
+        source = checkpoint.load_run_config(pathlib.Path(config.train.init_from))
+        if source.data.tokenizer != config.data.tokenizer:
+            raise ValueError(f"train.init_from: the run in {config.train.init_from} used tokenizer "
+                             f"{source.data.tokenizer!r}, this config {config.data.tokenizer!r}")
     data_iter = make_train_iterator(config, tokenizer)
     # Every process checks the workdir before process 0 writes its config (else a later process would find "a run"
     # there), and goes on only once it has (and, with overwrite, removed the old run's files).
@@ -153,6 +165,21 @@ def init_sharded(model: Llama, config: ml_collections.ConfigDict, mesh: jax.shar
     return params, opt_state
 
 
+def source_params(source_workdir: str, model: Llama) -> dict:
+    """The newest params of the run in `source_workdir`, as `model` takes them (`adapt_params`)."""
+    source = checkpoint.load_run_config(pathlib.Path(source_workdir))
+    tokenizer = load_tokenizer(source.data.tokenizer)
+    source_model = build_model(source.model, tokenizer.vocab_size, source.data.seq_len)
+    checkpoints = checkpoint.Checkpoints(pathlib.Path(source_workdir))
+    step = checkpoints.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"train.init_from: {source_workdir} holds no checkpoint")
+    params = checkpoints.restore_params(step, param_structure(source_model)[0])
+    checkpoints.close()
+    log.info("starting from the params of %s at step %d", source_workdir, step)
+    return adapt_params(model, params)
+
+
 def fit(run: Run) -> list[dict]:
     """Trains `run` to its end step; returns the metrics records logged by this invocation."""
     optimizer, schedule = make_optimizer(run.config.train)
@@ -168,6 +195,10 @@ def _fit(run: Run, optimizer, schedule, params, opt_state) -> list[dict]:
     if start_step:
         params, opt_state = checkpoints.restore_training(start_step, params, opt_state, data_iter)
         log.info("resumed %s at step %d", workdir, start_step)
+    elif config.train.init_from:
+        params = jax.device_put(source_params(config.train.init_from, model), jax.tree.map(lambda x: x.sharding,
+                                                                                             params))
+        opt_state = jax.jit(optimizer.init, out_shardings=jax.tree.map(lambda x: x.sharding, opt_state))(params)
     num_params = sum(x.size for x in jax.tree.leaves(params))
     log.info("model: %s params; %d tokens per step; steps %d..%d of %d; mesh %s", f"{num_params:,}",
              config.train.batch_size * config.data.seq_len, start_step + 1, end_step, config.train.steps,

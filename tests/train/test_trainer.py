@@ -177,3 +177,41 @@ def test_clex_parameters_train_and_checkpoint_with_the_model(tmp_path, make_conf
     assert set(trained["position_scheme"]) == {"ode_up_proj", "ode_down_proj"}
     np.testing.assert_array_equal(initial["position_scheme"]["ode_down_proj"], 0.0)
     assert float(jnp.abs(trained["position_scheme"]["ode_down_proj"]).max()) > 0  # the ODE learned
+
+
+def test_fine_tune_starts_from_another_runs_params(tmp_path, make_config):
+    """init_from: a CLEX fine-tune of a RoPE run starts from the run's params (its first update is a small step away
+    from them) with the ODE at its initial values, and its own optimizer state."""
+    source_dir, tune_dir = tmp_path / "base", tmp_path / "tune"
+    source_config = make_config(**{"train.steps": 4})
+    train(source_config, source_dir)
+    tune = make_config(**{"train.steps": 1, "train.learning_rate": 1e-6, "train.warmup_steps": 0,
+                          "train.init_from": str(source_dir), "model.positions": positions_config("clex", max_factor=2),
+                          "data.seq_len": 64})
+    train(tune, tune_dir)
+    vocab = load_tokenizer(tune.data.tokenizer).vocab_size
+
+    def restored(workdir, config, step):
+        model = build_model(config.model, vocab, config.data.seq_len)
+        checkpoints = checkpoint.Checkpoints(workdir)
+        params = checkpoints.restore_params(step, jax.eval_shape(lambda: init_params(model, jax.random.key(0))[0]))
+        checkpoints.close()
+        return params
+
+    source, tuned = restored(source_dir, source_config, 4), restored(tune_dir, tune, 1)
+    for name in source:
+        for a, b in zip(jax.tree.leaves(source[name]), jax.tree.leaves(tuned[name])):
+            np.testing.assert_allclose(a, b, atol=1e-5)  # one AdamW step of lr 1e-6 moves each weight by ~1e-6
+    assert set(tuned["position_scheme"]) == {"ode_up_proj", "ode_down_proj"}
+    with pytest.raises(FileNotFoundError, match="holds no run"):
+        train(make_config(**{"train.init_from": str(tmp_path / "nowhere")}), tmp_path / "other")
+
+
+def test_passkey_documents_are_mixed_into_training_data(make_config):
+    config = make_config(**{"data.passkey_fraction": 0.5, "data.seq_len": 512, "train.batch_size": 8})
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    batch = next(make_train_iterator(config, tokenizer))
+    text = tokenizer.decode(batch["tokens"].ravel())
+    assert text.count("What is the pass key? The pass key is") >= 2
+    with pytest.raises(ValueError, match=r"data.passkey_fraction must be in \[0, 1\), got 1.0"):
+        train(make_config(**{"data.passkey_fraction": 1.0}), "unused")
