@@ -197,7 +197,6 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
 
     tokenizer = load_tokenizer(config.data.tokenizer)
     generating = any(task in GENERATION_TASKS for task in options.tasks)
-    longest_answer = max([*ruler.MAX_NEW_TOKENS.values(), 16]) if generating else 0
     for scheme in schemes:
         model = scheme_model(config, scheme, tokenizer.vocab_size)
         limit = model.position_scheme.max_length()

@@ -80,7 +80,7 @@ class Generator:
         self.model, self.params, self.pad_id = model, params, pad_id
         self.prefill_chunk, self.max_length = prefill_chunk, max_length
         self._prefill = jax.jit(_prefill, static_argnums=0, donate_argnums=2)
-        self._decode = jax.jit(_decode, static_argnums=(0, 5, 6), donate_argnums=2)
+        self._decode = jax.jit(_decode, static_argnums=(0, 5, 6))
 
     def generate(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
                  stop_ids: Sequence[int] = ()) -> list[np.ndarray]:
