@@ -57,11 +57,11 @@ SETTINGS = {
         config_file="configs/tiny.py",
         base={"data.seq_len": 512, "train.steps": 500, "train.batch_size": 8, "train.warmup_steps": 50,
               "train.checkpoint_every": 250, "data.passkey_fraction": 0.2, "eval.batch_size": 1},
-        fine_tune={"data.seq_len": 2048, "train.batch_size": 2, "train.steps": 60, "train.warmup_steps": 6,
-                   "train.learning_rate": 1e-3, "train.checkpoint_every": 60},
-        clex_fine_tune={"train.steps": 60, "train.warmup_steps": 6, "train.learning_rate": 1e-3,
-                        "train.checkpoint_every": 60},
-        num_documents=4, passkey_depths=(0.0, 0.5, 1.0), passkey_samples=2, eval_batch_size=1, prefill_chunk=512),
+        fine_tune={"data.seq_len": 2048, "train.batch_size": 2, "train.steps": 40, "train.warmup_steps": 4,
+                   "train.learning_rate": 1e-3, "train.checkpoint_every": 40},
+        clex_fine_tune={"train.steps": 40, "train.warmup_steps": 4, "train.learning_rate": 1e-3,
+                        "train.checkpoint_every": 40},
+        num_documents=2, passkey_depths=(0.0, 0.5, 1.0), passkey_samples=1, eval_batch_size=1, prefill_chunk=512),
     # One H100: a 158M-parameter model (14 layers of width 1024, 16 query / 4 kv heads of 64, MLP 2816, bfloat16)
     # at L = 2048, extended to 32K.
     "gpu": Setting(

@@ -228,3 +228,15 @@ def test_command_line_runs_retrieval_with_a_scheme_override(trained_run, tmp_pat
     assert "## Pass-key retrieval" in result.stdout and "| yarn |" in result.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["schemes"]["yarn"]["factor"] == 8 and (tmp_path / "passkey_yarn.png").exists()
+
+
+def test_longbench_files_are_evaluated_with_their_metric(trained_run, tmp_path):
+    path = tmp_path / "trec.jsonl"
+    records = [{"context": "Question: what is x? Type: Entity. " * 20, "input": "Who wrote it?", "answers": ["Human"],
+                "all_classes": ["Human", "Entity", "Location"]} for _ in range(3)]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    options = suite.Options(tasks=("longbench",), longbench=(str(path),), num_samples=2, batch_size=2)
+    report = suite.evaluate(trained_run, [128, 256], options=options)
+    scores = report["longbench"]["rope"]["longbench/trec"]
+    assert sorted(scores) == ["128", "256"] and all(0 <= v <= 1 for v in scores.values())
+    assert "| rope (trained) | longbench/trec |" in write_report(report, tmp_path / "out")["markdown"].read_text()
