@@ -118,11 +118,16 @@ def _line_colors(n: int):
     return plt.get_cmap("tab10" if n <= 10 else "tab20").colors
 
 
-def _legend(ax, entries: int) -> None:
-    if entries > 6:  # a legend this long would hide the lines: it goes beside the plot
+def _finish(fig, ax, path: pathlib.Path, entries: int) -> None:
+    """Legend (beside the plot when it has more than 6 entries, which would hide the lines), grid, save, close."""
+    if entries > 6:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     else:
         ax.legend(loc="best")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot_ppl(report: dict[str, Any], path: pathlib.Path) -> None:
@@ -146,11 +151,7 @@ def plot_ppl(report: dict[str, Any], path: pathlib.Path) -> None:
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"Perplexity vs length — {pathlib.Path(report['workdir']).name}, step {report['step']}")
-    _legend(ax, len(schemes))
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, len(schemes))
 
 
 def plot_position_loss(report: dict[str, Any], path: pathlib.Path) -> None:
@@ -166,11 +167,7 @@ def plot_position_loss(report: dict[str, Any], path: pathlib.Path) -> None:
     ax.set_xlabel("token position")
     ax.set_ylabel("mean loss (nats)")
     ax.set_title(f"Loss by position at length {report['lengths'][-1]}")
-    _legend(ax, len(schemes))
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, len(schemes))
 
 
 def plot_retrieval(report: dict[str, Any], path: pathlib.Path) -> None:
