@@ -50,7 +50,7 @@ import uuid
 import numpy as np
 
 from longctx.data import Tokenizer
-from longctx.eval.tasks import Sample, fit_to_length, string_match_all, with_bos
+from longctx.eval.tasks import Sample, check_lengths, fit_to_length, string_match_all, with_bos
 
 TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
          "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
@@ -235,12 +235,6 @@ def score(prediction: str, sample: Sample) -> float:
     if sample.task.removeprefix("ruler/") not in TASKS or not sample.task.startswith("ruler/"):
         raise ValueError(f"sample.task {sample.task!r} is not a RULER task (ruler/<name>, name in {', '.join(TASKS)})")
     return string_match_all(prediction, sample.answers)
-
-
-def check_lengths(lengths: Sequence[int]) -> None:
-    if isinstance(lengths, (str, numbers.Integral)) or not lengths or any(
-            isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in lengths):
-        raise ValueError(f"lengths must be a non-empty sequence of ints >= 1, got {lengths!r}")
 
 
 def split_sentences(text: str) -> list[str]:

@@ -16,6 +16,7 @@ scheme's own parameters (`--config.model.positions.factor=8`).
 
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import numbers
@@ -206,23 +207,22 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
         for length in lengths:
             check_forward(model, config.eval.batch_size, length, packed=generating)
 
-    def tokenized(split: str) -> list[np.ndarray]:
-        return tokenize_documents(documents(split), tokenizer)
+    if "ppl" in options.tasks and options.stride is not None and options.stride > min(lengths):
+        raise ValueError(f"--stride {options.stride} is longer than the shortest length {min(lengths)}")
 
-    def documents(split: str) -> list[str]:
+    @functools.cache
+    def documents(split: str) -> list[str]:  # the held-out split serves both ppl and the haystack: read it once
         return load_documents(config.data.source, split, text_field=config.data.text_field,
                               valid_fraction=config.data.valid_fraction)
 
     windows = unigram = None
     if "ppl" in options.tasks:
-        windows = ppl.eval_windows(tokenized("valid"), lengths, num_documents)
+        windows = ppl.eval_windows(tokenize_documents(documents("valid"), tokenizer), lengths, num_documents)
         found = len(windows[lengths[0]])
         if found < num_documents:
             log.warning("only %d held-out documents have %d tokens or more; evaluating on %d, not the %d asked for",
                         found, max(lengths), found, num_documents)
-        unigram = ppl.unigram_log_probs(tokenized("train"), tokenizer.vocab_size)
-        if options.stride is not None and options.stride > min(lengths):
-            raise ValueError(f"--stride {options.stride} is longer than the shortest length {min(lengths)}")
+        unigram = ppl.unigram_log_probs(tokenize_documents(documents("train"), tokenizer), tokenizer.vocab_size)
     haystack = None
     if {"niah", "ruler"} & set(options.tasks):
         haystack = (pathlib.Path(options.haystack).read_text() if options.haystack
@@ -261,14 +261,10 @@ def generation_results(evaluation: Evaluation, generator: Generator, task: str) 
         groups[sample.max_new_tokens].append(index)
     predictions = [""] * len(samples)
     for max_new_tokens, indices in groups.items():
-        order = sorted(indices, key=lambda i: len(samples[i].prompt))
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            prompts = [samples[i].prompt for i in rows]
-            prompts += [prompts[-1]] * (batch_size - len(prompts))
-            outputs = generator.generate(prompts, max_new_tokens=max_new_tokens, stop_ids=[tokenizer.eos_id])
-            for i, output in zip(rows, outputs):
-                predictions[i] = tokenizer.decode(output)
+        outputs = generator.generate_batched([samples[i].prompt for i in indices], max_new_tokens=max_new_tokens,
+                                             batch_size=batch_size, stop_ids=[tokenizer.eos_id])
+        for i, output in zip(indices, outputs):
+            predictions[i] = tokenizer.decode(output)
     by_cell = collections.defaultdict(list)
     for sample, prediction in zip(samples, predictions):
         score = scorer(prediction, sample)

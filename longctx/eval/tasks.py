@@ -9,6 +9,7 @@ suite generates for every sample through the KV cache (`longctx.infer.generate`)
 
 from collections.abc import Callable, Sequence
 import dataclasses
+import numbers
 import re
 import string
 
@@ -39,10 +40,16 @@ class Sample:
     info: dict = dataclasses.field(default_factory=dict)
 
 
+def check_lengths(lengths: Sequence[int]) -> None:
+    """Raises ValueError unless `lengths` is a non-empty sequence of positive integers (tokens)."""
+    if isinstance(lengths, (str, numbers.Integral)) or not lengths or any(
+            isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in lengths):
+        raise ValueError(f"lengths must be a non-empty sequence of ints >= 1, got {lengths!r}")
+
+
 def check_grid(lengths: Sequence[int], depths: Sequence[float]) -> None:
     """Raises ValueError unless `lengths` are positive integers and `depths` lie in [0, 1] (both non-empty)."""
-    if not lengths or any(not isinstance(n, (int, np.integer)) or n < 1 for n in lengths):
-        raise ValueError(f"lengths must be a non-empty list of positive integers (tokens), got {list(lengths)}")
+    check_lengths(lengths)
     if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"depths must be a non-empty list of floats in [0, 1] (0 = start, 1 = end), "
                          f"got {list(depths)}")

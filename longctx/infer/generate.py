@@ -116,20 +116,28 @@ class Generator:
         return results
 
 
+    def generate_batched(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int, batch_size: int,
+                         stop_ids: Sequence[int] = ()) -> list[np.ndarray]:
+        """`generate` over any number of prompts in batches of `batch_size` (prompts of similar length batched
+        together, the last batch filled up with repeats of its last prompt, so every batch has one compiled shape);
+        returned in the order of `prompts`."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[np.ndarray | None] = [None] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = [prompts[i] for i in rows]
+            batch += [batch[-1]] * (batch_size - len(batch))
+            continuations = self.generate(batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
+            for row, continuation in zip(rows, continuations):
+                results[row] = continuation
+        return results
+
+
 def greedy(model: Llama, params, prompts: Sequence[np.ndarray], *, max_new_tokens: int, pad_id: int,
            stop_ids: Sequence[int] = (), batch_size: int = 8, prefill_chunk: int | None = None) -> list[np.ndarray]:
-    """Greedy continuations of `prompts` in batches of `batch_size` (prompts of similar length batched together, the
-    last batch filled up with repeats of its last prompt); returned in the order of `prompts`."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    """Greedy continuations of `prompts` (`Generator.generate_batched` for one model and its params)."""
     generator = Generator(model, params, pad_id=pad_id, prefill_chunk=prefill_chunk)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[np.ndarray | None] = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        batch = [prompts[i] for i in rows]
-        batch += [batch[-1]] * (batch_size - len(batch))  # a full batch: one compiled shape for every batch
-        continuations = generator.generate(batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
-        for row, continuation in zip(rows, continuations):
-            results[row] = continuation
-    return results
+    return generator.generate_batched(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                      stop_ids=stop_ids)

@@ -238,9 +238,9 @@ class Llama(nn.Module):
                 raise ValueError("a KV cache is for inference; train must be False")
             if segment_ids is None:
                 segment_ids = jnp.ones_like(tokens)
-            view = CacheView(offset=cache.length, segment_ids=cache.segment_ids)
+            offset = cache.length
             cache = cache.with_tokens(positions, segment_ids)
-            view = view.replace(segment_ids=cache.segment_ids)
+            view = CacheView(offset=offset, segment_ids=cache.segment_ids)
             encoding = self.position_scheme(positions, cache.positions)
             layer_kvs = (cache.keys, cache.values)
 
