@@ -21,6 +21,9 @@ setuptools.setup(
         "orbax-checkpoint==0.12.4",
         "ml-collections==1.1.0",
         "grain>=0.2.12,<0.3",
+        "array-record>=0.8",
+        "tensorflow-datasets>=4.9.8",  # tfds.data_source over ArrayRecord needs no TensorFlow.
+        "pyarrow>=15",
         "numpy>=1.26",
         "safetensors>=0.4",
         "tokenizers>=0.19",
@@ -32,7 +35,8 @@ setuptools.setup(
     extras_require={
         "gpu": [f"jax[cuda13]=={JAX_VERSION}"],
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
-        "tfds": ["tensorflow-datasets>=4.9"],
+        # tfds data sets stored as TFRecord (not ArrayRecord) are read through tfds.load, which needs TensorFlow.
+        "tfds": ["tensorflow>=2.16"],
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "tensorboardX>=2.6"],
     },
     entry_points={

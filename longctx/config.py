@@ -67,18 +67,61 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.positions = positions_config(options.get("positions", "rope"))
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "stdlib"  # "stdlib" (the interpreter's own .py files) or comma-separated .txt/.jsonl paths/globs.
-    c.data.text_field = "text"  # Field holding the text in .jsonl files.
+    # Where documents come from (longctx.data.sources): "stdlib" (the interpreter's own .py files); comma-separated
+    # paths/globs of .txt/.jsonl/.parquet files (optionally prefixed "files:"); "arrayrecord:<dir>" (pre-tokenised by
+    # scripts/tokenize_corpus.py); "tfds:<name>" (a tensorflow-datasets set prepared in tfds_data_dir); or
+    # "mixture": the weighted sources of `data.mixture`.
+    c.data.source = "stdlib"
+    # When source is "mixture": named components, each {"source": <spec>, "weight": <share of tokens>}, e.g.
+    # configs/prolong_mix.py. Empty otherwise.
+    c.data.mixture = ml_collections.ConfigDict()
+    c.data.text_field = "text"  # Field holding the text in .jsonl / .parquet files and tfds examples.
     c.data.valid_fraction = 0.05  # Share of documents held out for evaluation, chosen by a stable hash of the path.
+    c.data.on_error = "fatal"  # A corrupt or undecodable document: fatal (stop, naming file and line) | skip (warn).
+    c.data.tfds_data_dir = ""  # Where tfds sets are prepared ("": tfds's default); nothing is ever downloaded.
+    c.data.tfds_train_split = "train"  # The tfds split (any tfds split string) that training reads...
+    c.data.tfds_valid_split = "validation"  # ...and the one evaluation reads.
     c.data.tokenizer = "byte"  # "byte", a HF tokenizer.json path, or a sentencepiece .model path.
-    c.data.seq_len = 4096  # Training length: documents are cut into pieces of at most this and packed.
+    c.data.seq_len = 4096  # Training length: the longest sequence of a batch.
+    # How documents become rows of seq_len (longctx.data.packing): concat (concatenate and chunk: no padding, documents
+    # cut at row ends) | first_fit | best_fit (bin packing of whole documents; longer ones cut into seq_len pieces) |
+    # untie_knots (Untie the Knots: chunks of several documents shuffled into one sequence; data.untie_knots) |
+    # decomposition (Dataset Decomposition: batches of one power-of-two length each; data.decomposition).
+    c.data.packing = "first_fit"
+    c.data.num_packing_bins = 0  # Rows the bin packers fill at once (more: less padding); 0: the batch's rows.
+    c.data.decomposition = ml_collections.ConfigDict()
+    c.data.decomposition.min_len = 256  # Shortest bucket (a power of two); shorter remainders of documents dropped.
+    # Which bucket each step draws: fixed (by each bucket's share of tokens) | short_to_long | cyclic.
+    c.data.decomposition.curriculum = "fixed"
+    c.data.decomposition.cycles = 1  # Repetitions of the short-to-long schedule (cyclic only).
+    c.data.untie_knots = ml_collections.ConfigDict()
+    c.data.untie_knots.knot_prob = 1.0  # Share of rows knotted (the paper uses 0.3 to 0.8); the others concat-packed.
+    c.data.untie_knots.num_chunks = 3  # Chunks each document of a knotted row is cut into, at random points.
+    c.data.untie_knots.keep_chunk_order = False  # Keep a document's chunks in order when shuffling.
+    # Backtracing: every chunk gets an ID, and after a document's last chunk the model must list its chunks' IDs in
+    # document order (the paper's restore task).
+    c.data.untie_knots.restore = False
+    # Marker strings, tokenised with data.tokenizer (a tokenizer's special tokens may be named here).
+    c.data.untie_knots.markers = ml_collections.ConfigDict({
+        "knot_head": "<|knot|>",  # starts a chunk that continues an earlier chunk of its document
+        "knot_tail": "<|/knot|>",  # ends a chunk that a later chunk continues
+        "id_open": "<|id|>", "id_close": "<|/id|>",  # around a chunk's ID (restore only)
+        "restore_open": "<|restore|>", "restore_sep": ",", "restore_close": "<|/restore|>",  # the restore answer
+        "id_alphabet": "abcdefghijklmnopqrstuvwxyz",  # characters chunk IDs are spelled with, one token each
+    })
+    # Data shards: a global batch is the concatenation of `num_shards` independent streams, each over its own
+    # 1/num_shards of the documents; every process reads only the shards of the rows its devices hold. 0: one per
+    # group of processes holding the same rows. Fix it to resume on another process count with the same batches.
+    c.data.num_shards = 0
     # Share of training documents that are synthetic pass-key prompts with their answers (longctx.eval.passkey), of
     # up to seq_len tokens: teaches a small model to retrieve within its training length. 0: none.
     c.data.passkey_fraction = 0.0
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 10_000  # Length of the learning-rate schedule, and where training ends.
-    c.train.batch_size = 32  # Sequences per optimizer step.
+    # Sequences per optimizer step; with data.packing=decomposition, batch_size × seq_len tokens per step in rows of
+    # the step's bucket length.
+    c.train.batch_size = 32
     c.train.grad_accum_steps = 1  # Micro-batches per step (batch_size must divide evenly); same result, less memory.
     c.train.learning_rate = 3e-4  # Peak learning rate.
     c.train.warmup_steps = 500  # Linear warm-up from 0 to the peak.
@@ -176,3 +219,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"data.valid_fraction must be in (0, 1), got {config.data.valid_fraction}")
     if not 0 <= config.data.passkey_fraction < 1:
         raise ValueError(f"data.passkey_fraction must be in [0, 1), got {config.data.passkey_fraction}")
+    validate_data(config.data)
+
+
+def validate_data(data: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first `data.*` field whose value is not allowed or has no effect."""
+    from longctx.data import curriculum, pipeline, sources
+
+    pipeline.source_specs(data)
+    if data.on_error not in sources.ON_ERROR:
+        raise ValueError(f"data.on_error must be one of {', '.join(sources.ON_ERROR)}, got {data.on_error!r}")
+    if data.packing not in pipeline.PACKINGS:
+        raise ValueError(f"data.packing must be one of {', '.join(pipeline.PACKINGS)}, got {data.packing!r}")
+    for field in ("num_packing_bins", "num_shards"):
+        if not isinstance(data[field], int) or data[field] < 0:
+            raise ValueError(f"data.{field} must be an int >= 0, got {data[field]!r}")
+    if data.num_packing_bins and data.packing not in ("first_fit", "best_fit"):
+        raise ValueError(f"data.num_packing_bins={data.num_packing_bins} has no effect with data.packing="
+                         f"{data.packing!r}; set it to 0 or use first_fit or best_fit")
+    defaults = base_config().data
+    for section in ("decomposition", "untie_knots"):
+        if data.packing != section and data[section].to_dict() != defaults[section].to_dict():
+            raise ValueError(f"data.{section} is set ({data[section].to_dict()}) but data.packing is "
+                             f"{data.packing!r}; it only applies with data.packing={section!r}")
+    if data.packing == "decomposition":
+        curriculum.check(seq_len=data.seq_len, min_len=data.decomposition.min_len,
+                         curriculum=data.decomposition.curriculum, cycles=data.decomposition.cycles)

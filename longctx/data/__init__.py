@@ -1,9 +1,13 @@
-"""Data: tokenizers, document sources and grain packing into batches of `tokens`, `segment_ids`, `positions`."""
+"""Data: tokenizers, document sources (files, ArrayRecord, tfds, mixtures), packing, Dataset Decomposition, Untie
+the Knots, and the config-driven grain pipeline (`pipeline.train_batches`) that yields batches of `tokens`,
+`segment_ids`, `positions`."""
 
-from longctx.data.packing import packed_batches, padding_fraction, split_into_pieces, tokenize_documents
-from longctx.data.sources import load_documents
+from longctx.data.array_records import ArrayRecordSource, write_corpus
+from longctx.data.packing import packed_batches, packing_stats, padding_fraction, split_into_pieces, tokenize_documents
+from longctx.data.sources import DocumentSource, load_documents, open_source
 from longctx.data.tokenizers import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer,
                                      load_tokenizer)
 
-__all__ = ["ByteTokenizer", "HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "load_documents",
-           "load_tokenizer", "packed_batches", "padding_fraction", "split_into_pieces", "tokenize_documents"]
+__all__ = ["ArrayRecordSource", "ByteTokenizer", "DocumentSource", "HFTokenizer", "SentencePieceTokenizer",
+           "Tokenizer", "load_documents", "load_tokenizer", "open_source", "packed_batches", "packing_stats",
+           "padding_fraction", "split_into_pieces", "tokenize_documents", "write_corpus"]

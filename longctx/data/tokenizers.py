@@ -39,6 +39,12 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """The text of `ids` [n], BOS/EOS/PAD dropped."""
 
+    def frame(self, ids: Sequence[int] | np.ndarray, dtype=np.int32) -> np.ndarray:
+        """`[BOS] + ids + [EOS]` as `dtype`: how every document enters training, whatever the tokenizer."""
+        framed = np.empty(len(ids) + 2, dtype=dtype)
+        framed[0], framed[1:-1], framed[-1] = self.bos_id, ids, self.eos_id
+        return framed
+
     def _without_specials(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).ravel()
         return ids[~np.isin(ids, (self.bos_id, self.eos_id, self.pad_id))]

@@ -30,7 +30,7 @@ import tqdm
 
 from longctx import positions
 from longctx.config import positions_config
-from longctx.data import Tokenizer, load_documents, load_tokenizer, tokenize_documents
+from longctx.data import Tokenizer, load_tokenizer, pipeline
 from longctx.eval import longbench, niah, passkey, ppl, ruler
 from longctx.eval.tasks import Sample
 from longctx.infer.generate import Generator
@@ -211,22 +211,21 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
         raise ValueError(f"--stride {options.stride} is longer than the shortest length {min(lengths)}")
 
     @functools.cache
-    def documents(split: str) -> list[str]:  # the held-out split serves both ppl and the haystack: read it once
-        return load_documents(config.data.source, split, text_field=config.data.text_field,
-                              valid_fraction=config.data.valid_fraction)
+    def documents(split: str) -> list[np.ndarray]:  # the held-out split serves both ppl and the haystack: read once
+        return pipeline.eval_documents(config.data, split, tokenizer)
 
     windows = unigram = None
     if "ppl" in options.tasks:
-        windows = ppl.eval_windows(tokenize_documents(documents("valid"), tokenizer), lengths, num_documents)
+        windows = ppl.eval_windows(documents("valid"), lengths, num_documents)
         found = len(windows[lengths[0]])
         if found < num_documents:
             log.warning("only %d held-out documents have %d tokens or more; evaluating on %d, not the %d asked for",
                         found, max(lengths), found, num_documents)
-        unigram = ppl.unigram_log_probs(tokenize_documents(documents("train"), tokenizer), tokenizer.vocab_size)
+        unigram = ppl.unigram_log_probs(documents("train"), tokenizer.vocab_size)
     haystack = None
     if {"niah", "ruler"} & set(options.tasks):
         haystack = (pathlib.Path(options.haystack).read_text() if options.haystack
-                    else "\n".join(documents("valid")))
+                    else "\n".join(tokenizer.decode(document) for document in documents("valid")))
     samples = build_samples(options, tokenizer, lengths, haystack)
     return Evaluation(workdir, config, step or max(available), schemes, lengths, options, tokenizer, windows, unigram,
                       samples)

@@ -112,9 +112,63 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, "sequence"))
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """Global jax arrays of a host batch (the same numpy batch in every process): each process puts only the shards
-    its own devices hold."""
+def process_row_blocks(mesh: jax.sharding.Mesh) -> dict[int, tuple[int, int]]:
+    """For every process, the block [start, stop) of batch rows its devices hold, in units of 1 / (data × fsdp) of
+    the rows; raises ValueError when a process's rows are not one contiguous block (a device order that no data
+    sharding can follow)."""
+    num_rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    held: dict[int, set[int]] = {}
+    for device, index in batch_sharding(mesh).devices_indices_map((num_rows, mesh.shape["sequence"])).items():
+        held.setdefault(device.process_index, set()).update(range(num_rows)[index[0]])
+    blocks = {}
+    for process, rows in sorted(held.items()):
+        start, stop = min(rows), max(rows) + 1
+        if len(rows) != stop - start:
+            raise ValueError(f"process {process} holds batch rows {sorted(rows)} of {num_rows}, not one contiguous "
+                             f"block; order the mesh's devices by process")
+        blocks[process] = (start, stop)
+    return blocks
+
+
+def data_shards(mesh: jax.sharding.Mesh, num_shards: int = 0) -> tuple[list[int], int]:
+    """(the data shards this process reads, how many there are): a global batch is the concatenation of `num_shards`
+    equal row blocks, one per data shard, and a process reads the shards of the rows its devices hold.
+
+    `num_shards` 0: one shard per distinct row block of the processes (1 on one host). Raises ValueError naming
+    `data.num_shards` when its blocks do not fall on the processes' row boundaries.
+    """
+    blocks = process_row_blocks(mesh)
+    num_rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if num_shards == 0:
+        num_shards = len(set(blocks.values()))
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"data.num_shards must be a positive int or 0 (one per row block of the processes), "
+                         f"got {num_shards!r}")
+    start, stop = blocks[jax.process_index()]
+    if (start * num_shards) % num_rows or (stop * num_shards) % num_rows:
+        raise ValueError(f"data.num_shards={num_shards} does not split the batch on the processes' row blocks "
+                         f"(process {jax.process_index()} holds rows {start}..{stop - 1} of {num_rows} row "
+                         f"groups); use a multiple of {len(set(blocks.values()))}, or 0")
+    return list(range(start * num_shards // num_rows, stop * num_shards // num_rows)), num_shards
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, *, global_rows: int | None = None,
+                row_offset: int = 0) -> dict[str, jax.Array]:
+    """Global jax arrays of this process's rows of a batch: rows [row_offset, row_offset + len) of `global_rows`
+    (default: the batch is the whole global batch, the same in every process). Each process puts only the shards its
+    own devices hold, which must lie within its rows."""
     sharding = batch_sharding(mesh)
-    return {key: jax.make_array_from_callback(value.shape, sharding, lambda index, v=value: v[index])
-            for key, value in batch.items()}
+    arrays = {}
+    for key, value in batch.items():
+        shape = (global_rows or value.shape[0], *value.shape[1:])
+
+        def local(index, value=value):
+            rows = range(shape[0])[index[0]]
+            if rows.start < row_offset or rows.stop > row_offset + value.shape[0]:
+                raise ValueError(f"a device of process {jax.process_index()} holds batch rows {rows.start}.."
+                                 f"{rows.stop - 1}, outside the rows {row_offset}..{row_offset + value.shape[0] - 1} "
+                                 f"this process read")
+            return value[(slice(rows.start - row_offset, rows.stop - row_offset), *index[1:])]
+
+        arrays[key] = jax.make_array_from_callback(shape, sharding, local)
+    return arrays

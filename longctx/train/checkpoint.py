@@ -10,6 +10,7 @@ Nothing in a workdir that holds a run is replaced unless the caller passes `over
 """
 
 import json
+import logging
 import pathlib
 import shutil
 from typing import Any
@@ -17,6 +18,10 @@ from typing import Any
 import grain
 import ml_collections
 import orbax.checkpoint as ocp
+
+from longctx.config import base_config
+
+log = logging.getLogger("longctx.train")
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -138,7 +143,21 @@ def load_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
     path = workdir / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"--workdir {workdir} holds no run: {CONFIG_FILE} is missing")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    _fill_missing(config, base_config(), "")
+    return config
+
+
+def _fill_missing(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict, prefix: str) -> None:
+    """Adds the fields a run saved by an older longctx lacks, at their defaults (what that run did), and logs them;
+    the position scheme's parameters are the scheme's own and are left as saved."""
+    for key, default in defaults.items():
+        name = f"{prefix}{key}"
+        if key not in config:
+            log.info("%s: not in the run's config (an older longctx); using the default %r", name, default)
+            config[key] = default
+        elif isinstance(default, ml_collections.ConfigDict) and name != "model.positions":
+            _fill_missing(config[key], default, name + ".")
 
 
 class Checkpoints:

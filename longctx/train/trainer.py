@@ -18,7 +18,6 @@ import pathlib
 import time
 
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,8 +25,7 @@ import numpy as np
 import optax
 
 from longctx.config import validate
-from longctx.data import load_documents, load_tokenizer, packed_batches, split_into_pieces, tokenize_documents
-from longctx.eval import passkey
+from longctx.data import load_tokenizer, padding_fraction, pipeline
 from longctx.models import Llama, adapt_params, build_model, check_forward, init_params, param_structure
 from longctx.train import checkpoint, metrics
 from longctx.train.determinism import warn_if_not_reproducible
@@ -69,20 +67,35 @@ def train_step(params, opt_state, batch, rng, *, model, optimizer, grad_accum_st
                                "loss_tokens": count}
 
 
-def make_train_iterator(config: ml_collections.ConfigDict, tokenizer):
-    """The grain iterator of packed training batches; its state is saved in every checkpoint."""
-    documents = load_documents(config.data.source, "train", text_field=config.data.text_field,
-                               valid_fraction=config.data.valid_fraction)
-    pieces = split_into_pieces(tokenize_documents(documents, tokenizer), config.data.seq_len)
-    fraction = config.data.passkey_fraction
-    if fraction:
-        rng = np.random.default_rng([config.seed, 1])
-        texts = [passkey.training_text(tokenizer, config.data.seq_len, rng)
-                 for _ in range(round(len(pieces) * fraction / (1 - fraction)))]
-        pieces += tokenize_documents(texts, tokenizer)
-    dataset = packed_batches(pieces, seq_len=config.data.seq_len, batch_size=config.train.batch_size,
-                             seed=config.seed, pad_id=tokenizer.pad_id)
-    return iter(dataset)
+def make_train_iterator(config: ml_collections.ConfigDict, tokenizer,
+                        mesh: jax.sharding.Mesh | None = None) -> pipeline.ShardedBatches:
+    """The grain iterator of this process's rows of every training batch (the data shards its devices hold on
+    `mesh`; all of them without one); its state is saved in every checkpoint."""
+    if mesh is None:
+        num_shards = config.data.num_shards or 1
+        shards = list(range(num_shards))
+    else:
+        shards, num_shards = mesh_lib.data_shards(mesh, config.data.num_shards)
+    return pipeline.train_batches(config, tokenizer, shards, num_shards)
+
+
+def check_batch_shapes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Raises ValueError when a batch shape the data can produce (one per bucket with Dataset Decomposition) does
+    not split into data shards, micro-batches, the mesh or the sequence layout."""
+    num_shards = mesh_lib.data_shards(mesh, config.data.num_shards)[1]
+    for rows, length in pipeline.batch_shapes(config):
+        what = f"a batch of {rows} × {length} tokens" + (
+            f" (the data.decomposition bucket of length {length})" if length != config.data.seq_len else "")
+        for field, parts in (("data.num_shards", num_shards), ("train.grad_accum_steps",
+                                                               config.train.grad_accum_steps)):
+            if rows % parts:
+                raise ValueError(f"{what} does not split into {field}={parts} equal parts; change train.batch_size")
+        try:
+            mesh_lib.check_model(mesh, batch_size=rows // config.train.grad_accum_steps, seq_len=length,
+                                 num_heads=config.model.num_heads, num_kv_heads=config.model.num_kv_heads)
+            layout.check(config.parallel.layout, length, mesh.shape["sequence"])
+        except ValueError as error:
+            raise ValueError(f"{what}: {error}") from error
 
 
 @dataclasses.dataclass
@@ -93,7 +106,7 @@ class Run:
     workdir: pathlib.Path
     model: Llama
     mesh: jax.sharding.Mesh
-    data_iter: grain.DatasetIterator
+    data_iter: pipeline.ShardedBatches
     resume: bool
     end_step: int
 
@@ -109,9 +122,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, r
     distributed.initialize(config.parallel)
     mesh = mesh_lib.make_mesh(config.parallel)
     micro_batch = config.train.batch_size // config.train.grad_accum_steps
-    mesh_lib.check_model(mesh, batch_size=micro_batch, seq_len=config.data.seq_len,
-                         num_heads=config.model.num_heads, num_kv_heads=config.model.num_kv_heads)
-    layout.check(config.parallel.layout, config.data.seq_len, mesh.shape["sequence"])
+    check_batch_shapes(config, mesh)
     warn_if_not_reproducible()
     if stop_after is not None and not 1 <= stop_after <= config.train.steps:
         raise ValueError(f"--stop_after must be a step in [1, train.steps={config.train.steps}], got {stop_after}")
@@ -126,7 +137,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, r
         if source.data.tokenizer != config.data.tokenizer:
             raise ValueError(f"train.init_from: the run in {config.train.init_from} used tokenizer "
                              f"{source.data.tokenizer!r}, this config {config.data.tokenizer!r}")
-    data_iter = make_train_iterator(config, tokenizer)
+    data_iter = make_train_iterator(config, tokenizer, mesh)
     # Every process checks the workdir before process 0 writes its config (else a later process would find "a run"
     # there), and goes on only once it has (and, with overwrite, removed the old run's files).
     distributed.barrier("longctx.prepare: workdir checked")
@@ -137,15 +148,18 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, r
     return Run(config, workdir, model, mesh, data_iter, resume, end_step)
 
 
-def device_batch(batch: dict[str, np.ndarray], config: ml_collections.ConfigDict,
-                 mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-    """A host batch as global arrays on the mesh: next-token targets and weights added, then every array permuted into
-    the sequence layout (`parallel.layout`) and sharded."""
+def device_batch(batch: dict[str, np.ndarray], config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+                 global_rows: int | None = None, row_offset: int = 0) -> dict[str, jax.Array]:
+    """This process's rows of a batch (rows [row_offset, ...) of `global_rows`; default: the whole batch) as global
+    arrays on the mesh: next-token targets and weights added, then every array permuted into the sequence layout
+    (`parallel.layout`) and sharded."""
     batch = dict(batch)
-    batch["targets"], batch["weights"] = next_token_targets(batch["tokens"], batch["segment_ids"])
+    batch["targets"], weights = next_token_targets(batch["tokens"], batch["segment_ids"])
+    # A packing that leaves some predictions out of the loss (Untie the Knots) sends its own weights, aligned alike.
+    batch["weights"] = weights * batch["weights"] if "weights" in batch else weights
     batch = {key: layout.to_layout(value, config.parallel.layout, mesh.shape["sequence"])
              for key, value in batch.items()}
-    return mesh_lib.shard_batch(batch, mesh)
+    return mesh_lib.shard_batch(batch, mesh, global_rows=global_rows, row_offset=row_offset)
 
 
 def init_sharded(model: Llama, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, optimizer):
@@ -216,14 +230,18 @@ def _fit(run: Run, optimizer, schedule, params, opt_state) -> list[dict]:
     tokens_per_step = config.train.batch_size * config.data.seq_len
     last_time, last_step = time.perf_counter(), start_step
     for step in range(start_step + 1, end_step + 1):
-        batch = device_batch(next(data_iter), config, run.mesh)
+        host_batch = next(data_iter)
+        global_rows = len(host_batch["tokens"]) * data_iter.num_shards // len(data_iter.shards)
+        batch = device_batch(host_batch, config, run.mesh, global_rows=global_rows,
+                             row_offset=data_iter.row_offset(global_rows))
         params, opt_state, step_metrics = step_fn(params, opt_state, batch, jax.random.fold_in(positions_key, step))
         bar.update(1)
         if step % config.train.log_every == 0 or step == end_step:
             step_metrics = {key: float(value) for key, value in jax.device_get(step_metrics).items()}
             now = time.perf_counter()
             record = {"step": step, **step_metrics, "learning_rate": float(schedule(step - 1)),
-                      "tokens_per_s": tokens_per_step * (step - last_step) / (now - last_time)}
+                      "tokens_per_s": tokens_per_step * (step - last_step) / (now - last_time),
+                      "padding_fraction": padding_fraction(host_batch), "batch_length": host_batch["tokens"].shape[1]}
             last_time, last_step = now, step
             if main:
                 metrics_log.write(record)

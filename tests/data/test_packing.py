@@ -1,36 +1,44 @@
-"""Packing: the batch invariants, no token lost, and exact resumption from the iterator's state."""
+"""Packing modes: the batch invariants, documents rebuilt from the batches, exact resumption from the state."""
 
 import collections
 
 import grain
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from longctx.data import ByteTokenizer, packed_batches, padding_fraction, split_into_pieces, tokenize_documents
+from longctx.data.packing import (PACKING_MODES, packed_batches, packing_stats, padding_fraction, split_into_pieces,
+                                  tokenize_documents)
+from longctx.data.tokenizers import ByteTokenizer
+from resume_checks import assert_orbax_round_trip, assert_resumes_from_state
 
-SEQ_LEN, BATCH, PAD = 16, 4, 256
+SEQ_LEN, BATCH, PAD, BOS = 16, 4, 256, 257
 
 
-def random_pieces(num_docs: int = 40, seed: int = 0) -> list[np.ndarray]:
-    """Documents of 1..3·SEQ_LEN random byte tokens, cut into pieces; tokens never equal PAD."""
+def random_docs(num_docs: int = 40, seed: int = 0) -> list[np.ndarray]:
+    """Framed documents of 2..3·SEQ_LEN tokens: BOS, then random bytes (never PAD or BOS)."""
     rng = np.random.default_rng(seed)
-    docs = [rng.integers(0, 256, size=int(rng.integers(1, 3 * SEQ_LEN)), dtype=np.int32) for _ in range(num_docs)]
-    return split_into_pieces(docs, SEQ_LEN)
+    return [np.concatenate([[BOS], rng.integers(0, 256, size=int(rng.integers(1, 3 * SEQ_LEN)))]).astype(np.int32)
+            for _ in range(num_docs)]
 
 
-def segments(batch: dict[str, np.ndarray]) -> list[tuple[int, ...]]:
-    """The token tuple of every segment of every row."""
-    found = []
-    for tokens, segment_ids in zip(batch["tokens"], batch["segment_ids"]):
-        found += [tuple(tokens[segment_ids == s].tolist()) for s in range(1, segment_ids.max() + 1)]
-    return found
+def finite(docs: list[np.ndarray]) -> grain.IterDataset:
+    return grain.MapDataset.source(docs).to_iter_dataset()
 
 
-def check_batch(batch: dict[str, np.ndarray]) -> None:
+def endless(docs: list[np.ndarray], seed: int = 0) -> grain.IterDataset:
+    return grain.MapDataset.source(docs).shuffle(seed=seed).repeat().to_iter_dataset()
+
+
+def segments(batch: dict[str, np.ndarray]) -> list[list[tuple[int, ...]]]:
+    """Per row, the token tuple of each of its segments."""
+    return [[tuple(tokens[segment_ids == s].tolist()) for s in range(1, segment_ids.max() + 1)]
+            for tokens, segment_ids in zip(batch["tokens"], batch["segment_ids"])]
+
+
+def check_batch(batch: dict[str, np.ndarray], rows: int = BATCH) -> None:
     assert set(batch) == {"tokens", "segment_ids", "positions"}
     for value in batch.values():
-        assert value.shape == (BATCH, SEQ_LEN) and value.dtype == np.int32
+        assert value.shape == (rows, SEQ_LEN) and value.dtype == np.int32
     for tokens, segment_ids, positions in zip(batch["tokens"], batch["segment_ids"], batch["positions"]):
         used = int(np.count_nonzero(segment_ids))
         assert used > 0 and np.all(segment_ids[used:] == 0), "padding is a suffix of the row"
@@ -58,95 +66,112 @@ def test_split_into_pieces_keeps_every_token_in_order():
         split_into_pieces(docs, 0)
 
 
-def test_batches_keep_the_invariants():
-    iterator = iter(packed_batches(random_pieces(), seq_len=SEQ_LEN, batch_size=BATCH, seed=0, pad_id=PAD))
+@pytest.mark.parametrize("mode", PACKING_MODES)
+def test_batches_keep_the_invariants(mode):
+    iterator = iter(packed_batches(endless(random_docs()), mode=mode, seq_len=SEQ_LEN, batch_size=BATCH, pad_id=PAD))
     batches = [next(iterator) for _ in range(30)]
     for batch in batches:
         check_batch(batch)
-    assert 0 < np.mean([padding_fraction(b) for b in batches]) < 0.5
+    padding = np.mean([padding_fraction(b) for b in batches])
+    assert padding == 0 if mode == "concat" else 0 < padding < 0.5
 
 
-def test_one_epoch_holds_every_piece_intact():
-    """With num_packing_bins == batch_size a batch is one packing round; rounds take the stream in order, so the
-    first batches holding >= len(pieces) segments hold all of the first epoch plus part of one round of the next."""
-    pieces = random_pieces()
-    iterator = iter(packed_batches(pieces, seq_len=SEQ_LEN, batch_size=BATCH, seed=3, pad_id=PAD))
-    seen = collections.Counter()
-    last_batch_segments = 0
-    while seen.total() < len(pieces):
-        batch_segments = segments(next(iterator))
-        seen.update(batch_segments)
-        last_batch_segments = len(batch_segments)
-    expected = collections.Counter(tuple(p.tolist()) for p in pieces)
-    assert not expected - seen, "a piece of the first epoch is missing"
-    assert set(seen) <= set(expected), "a segment is not one of the pieces"
-    assert seen.total() - len(pieces) < last_batch_segments
+def test_concat_rows_are_the_stream_cut_every_seq_len():
+    """Rebuilt in order, the rows are the stream; segments break at every document start and every row start."""
+    docs = random_docs()
+    batches = list(packed_batches(finite(docs), mode="concat", seq_len=SEQ_LEN, batch_size=BATCH, pad_id=PAD))
+    for batch in batches:
+        check_batch(batch, rows=len(batch["tokens"]))  # The stream's last row is padded with PAD.
+    rows = [row for batch in batches for row in segments(batch)]
+    stream = np.concatenate(docs)
+    breaks = sorted(set(np.cumsum([0] + [len(d) for d in docs[:-1]]).tolist()) | set(range(0, len(stream), SEQ_LEN)))
+    expected = [tuple(piece.tolist()) for piece in np.split(stream, breaks[1:])]
+    assert [segment for row in rows for segment in row] == expected
+    assert all(sum(map(len, row)) == SEQ_LEN for row in rows[:-1]), "only the stream's last row is short"
 
 
-def test_same_seed_same_batches_other_seed_other_order():
+@pytest.mark.parametrize("mode", ["first_fit", "best_fit"])
+@pytest.mark.parametrize("num_packing_bins", [None, 3])
+def test_bin_packing_never_splits_a_document_of_at_most_seq_len(mode, num_packing_bins):
+    """The segments are exactly the documents (those longer than SEQ_LEN cut in SEQ_LEN pieces), each once."""
+    docs = random_docs()
+    assert any(len(d) > SEQ_LEN for d in docs) and any(len(d) <= SEQ_LEN for d in docs)
+    found = collections.Counter()
+    for batch in packed_batches(finite(docs), mode=mode, seq_len=SEQ_LEN, batch_size=BATCH, pad_id=PAD,
+                                num_packing_bins=num_packing_bins):
+        found.update(segment for row in segments(batch) for segment in row)
+    assert found == collections.Counter(tuple(p.tolist()) for p in split_into_pieces(docs, SEQ_LEN))
+
+
+def test_best_fit_puts_a_document_in_the_fullest_row_it_fits():
+    docs = [np.full(n, i, dtype=np.int32) for i, n in enumerate([6, 12, 3, 16])]  # 16 fits nowhere: new round.
+    first = next(iter(packed_batches(finite(docs), mode="first_fit", seq_len=SEQ_LEN, batch_size=2, pad_id=PAD,
+                                     num_packing_bins=2)))
+    best = next(iter(packed_batches(finite(docs), mode="best_fit", seq_len=SEQ_LEN, batch_size=2, pad_id=PAD,
+                                    num_packing_bins=2)))
+    rows = lambda batch: sorted(tuple(sorted(set(row) - {PAD})) for row in batch["tokens"].tolist())
+    assert rows(first) == [(0, 2), (1,)]  # 3 goes to the first row with room, [6].
+    assert rows(best) == [(0,), (1, 2)]  # 3 goes to the fullest row with room, [12].
+
+
+def test_same_seed_same_batches_other_seed_other_rows():
     def first(seed):
-        iterator = iter(packed_batches(random_pieces(), seq_len=SEQ_LEN, batch_size=BATCH, seed=seed, pad_id=PAD))
+        iterator = iter(packed_batches(endless(random_docs()), mode="first_fit", seq_len=SEQ_LEN, batch_size=BATCH,
+                                       pad_id=PAD, seed=seed, num_packing_bins=2 * BATCH))
         return np.stack([next(iterator)["tokens"] for _ in range(5)])
 
     np.testing.assert_array_equal(first(1), first(1))
     assert not np.array_equal(first(1), first(2))
 
 
-def test_shards_split_the_pieces():
-    pieces = [np.full(5, i, dtype=np.int32) for i in range(24)]  # Distinct pieces, three to a row.
-    per_shard = []
-    for shard in range(2):
-        dataset = packed_batches(pieces, seq_len=SEQ_LEN, batch_size=2, seed=0, pad_id=PAD,
-                                 shard_index=shard, shard_count=2)
-        iterator = iter(dataset)
-        per_shard.append({s for _ in range(2) for s in segments(next(iterator))})
-    assert not per_shard[0] & per_shard[1]
-    assert per_shard[0] | per_shard[1] == {tuple(p.tolist()) for p in pieces}
-
-
-@pytest.mark.parametrize("num_packing_bins", [None, 3 * BATCH])  # The second leaves states in mid-round.
-def test_restored_iterator_yields_the_same_batches(num_packing_bins):
+@pytest.mark.parametrize("mode,num_packing_bins", [("concat", None), ("first_fit", None), ("first_fit", 3 * BATCH),
+                                                   ("best_fit", 3 * BATCH)])  # 3·BATCH leaves states mid-round.
+def test_restored_iterator_yields_the_same_batches(mode, num_packing_bins):
     def make():
-        return iter(packed_batches(random_pieces(), seq_len=SEQ_LEN, batch_size=BATCH, seed=0, pad_id=PAD,
+        return iter(packed_batches(endless(random_docs()), mode=mode, seq_len=SEQ_LEN, batch_size=BATCH, pad_id=PAD,
                                    num_packing_bins=num_packing_bins))
 
-    original = make()
-    for _ in range(7):
-        next(original)
-    state = original.get_state()
-    expected = [next(original) for _ in range(6)]
-    restored = make()
-    restored.set_state(state)
-    for want in expected:
-        got = next(restored)
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key])
+    assert_resumes_from_state(make, skip=7)
 
 
 def test_orbax_round_trip_of_the_iterator(tmp_path):
     def make():
-        return iter(packed_batches(random_pieces(), seq_len=SEQ_LEN, batch_size=BATCH, seed=0, pad_id=PAD))
+        return iter(packed_batches(endless(random_docs()), mode="best_fit", seq_len=SEQ_LEN, batch_size=BATCH,
+                                   pad_id=PAD))
 
-    original = make()
-    for _ in range(5):
-        next(original)
-    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-        manager.save(5, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(original)))
-        manager.wait_until_finished()
-        restored = make()
-        manager.restore(5, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(restored)))
-    for _ in range(4):
-        np.testing.assert_array_equal(next(restored)["tokens"], next(original)["tokens"])
+    assert_orbax_round_trip(make, tmp_path / "ckpt", skip=5)
 
 
-def test_bad_inputs_are_refused_before_iterating():
-    pieces = random_pieces()
-    too_long = pieces + [np.zeros(SEQ_LEN + 1, dtype=np.int32)]
-    with pytest.raises(ValueError, match=f"{SEQ_LEN + 1} tokens > seq_len={SEQ_LEN}.*split_into_pieces"):
-        packed_batches(too_long, seq_len=SEQ_LEN, batch_size=BATCH, seed=0, pad_id=PAD)
-    with pytest.raises(ValueError, match="at least one piece"):
-        packed_batches([], seq_len=SEQ_LEN, batch_size=BATCH, seed=0, pad_id=PAD)
-    with pytest.raises(ValueError, match="shard_index"):
-        packed_batches(pieces, seq_len=SEQ_LEN, batch_size=BATCH, seed=0, pad_id=PAD, shard_index=2, shard_count=2)
-    with pytest.raises(ValueError, match="batch_size"):
-        packed_batches(pieces, seq_len=SEQ_LEN, batch_size=0, seed=0, pad_id=PAD)
+def test_packing_stats_report_each_modes_waste():
+    batch = {"tokens": np.array([[BOS, 1, 2, 3, BOS, 5, PAD, PAD], [7, 8, BOS, 9, 9, 9, 9, 9]]),
+             "segment_ids": np.array([[1, 1, 1, 1, 2, 2, 0, 0], [1, 1, 2, 2, 2, 2, 2, 2]])}
+    stats = packing_stats(batch, bos_id=BOS)
+    assert stats == {"padding_fraction": 2 / 16, "segments_per_row": 2.0, "mean_segment_length": 14 / 4,
+                     "cut_fraction": 1 / 4}
+    assert "cut_fraction" not in packing_stats(batch)
+
+    def mean_stats(mode):
+        iterator = iter(packed_batches(endless(random_docs()), mode=mode, seq_len=SEQ_LEN, batch_size=BATCH,
+                                       pad_id=PAD))
+        return {key: np.mean([packing_stats(next(iterator), bos_id=BOS)[key] for _ in range(20)])
+                for key in ("padding_fraction", "cut_fraction")}
+
+    concat, first_fit = mean_stats("concat"), mean_stats("first_fit")
+    assert concat["padding_fraction"] == 0 < first_fit["padding_fraction"]
+    assert concat["cut_fraction"] > first_fit["cut_fraction"] > 0  # Fit modes cut only documents > SEQ_LEN.
+
+
+def test_bad_arguments_are_refused_before_iterating():
+    docs = endless(random_docs())
+    with pytest.raises(ValueError, match=r"data.packing must be one of \('concat', 'first_fit', 'best_fit'\)"):
+        packed_batches(docs, mode="greedy", seq_len=SEQ_LEN, batch_size=BATCH, pad_id=PAD)
+    with pytest.raises(ValueError, match="seq_len must be a positive int"):
+        packed_batches(docs, mode="concat", seq_len=0, batch_size=BATCH, pad_id=PAD)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        packed_batches(docs, mode="first_fit", seq_len=SEQ_LEN, batch_size=0, pad_id=PAD)
+    with pytest.raises(ValueError, match="num_packing_bins applies to the first_fit / best_fit"):
+        packed_batches(docs, mode="concat", seq_len=SEQ_LEN, batch_size=BATCH, pad_id=PAD, num_packing_bins=8)
+    with pytest.raises(ValueError, match="num_packing_bins must be a positive int"):
+        packed_batches(docs, mode="best_fit", seq_len=SEQ_LEN, batch_size=BATCH, pad_id=PAD, num_packing_bins=0)
+    with pytest.raises(ValueError, match="docs must be a grain.IterDataset"):
+        packed_batches(random_docs(), mode="concat", seq_len=SEQ_LEN, batch_size=BATCH, pad_id=PAD)

@@ -5,9 +5,9 @@
 CONFIG_JSON holds the run's config (`config.to_json()`, with parallel.distributed, coordinator_address and
 num_processes set); this process takes parallel.process_id=PROCESS_ID, trains through `longctx.train.trainer`
 (`prepare`, which joins the processes, then `fit`) and prints one line `MULTIHOST_RESULT {json}`: its process index,
-the mesh as (device id, process index) pairs, and the metrics records it logged. The caller sets the environment
-before this starts: XLA_FLAGS=--xla_force_host_platform_device_count=<local devices>, JAX_PLATFORMS=cpu,
-JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo, JAX_DEFAULT_MATMUL_PRECISION=highest.
+the mesh as (device id, process index) pairs, the data shards it reads and the metrics records it logged. The
+caller sets the environment before this starts: XLA_FLAGS=--xla_force_host_platform_device_count=<local devices>,
+JAX_PLATFORMS=cpu, JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo, JAX_DEFAULT_MATMUL_PRECISION=highest.
 """
 
 import argparse
@@ -49,6 +49,7 @@ def main() -> None:
         "mesh_shape": dict(mesh.shape),
         "mesh_device_ids": mesh.device_ids.tolist(),
         "mesh_process_indices": jax.tree.map(lambda d: d.process_index, mesh.devices.tolist()),
+        "data_shards": run.data_iter.shards,
     }
     result["records"] = trainer.fit(run)
     print(RESULT_PREFIX + json.dumps(result), flush=True)

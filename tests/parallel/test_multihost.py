@@ -28,11 +28,12 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 RESULT_PREFIX = "MULTIHOST_RESULT "  # the line multihost_worker.py prints
 NUM_PROCESSES, LOCAL_DEVICES = 2, 2
 TIMEOUT_S = 300
-COMMON = {"train.steps": 2, "train.log_every": 1, "train.checkpoint_every": 1}
-# Mesh overrides, and the mesh axis whose devices belong to both processes.
+# Two data shards whatever the process layout, so that the one-device run reads the same batches.
+COMMON = {"train.steps": 2, "train.log_every": 1, "train.checkpoint_every": 1, "data.num_shards": 2}
+# Mesh overrides, the mesh axis whose devices belong to both processes, and the data shards each process reads.
 MESHES = {
-    "data2_sequence2": ({"parallel.data": 2, "parallel.sequence": 2}, "data"),
-    "sequence4": ({"parallel.data": 1, "parallel.sequence": 4}, "sequence"),
+    "data2_sequence2": ({"parallel.data": 2, "parallel.sequence": 2}, "data", [[0], [1]]),
+    "sequence4": ({"parallel.data": 1, "parallel.sequence": 4}, "sequence", [[0, 1], [0, 1]]),
 }
 AXES = ("data", "fsdp", "tensor", "sequence")
 
@@ -145,10 +146,13 @@ def one_device(make_config, tmp_path_factory) -> list[dict]:
 
 @pytest.mark.parametrize("name", sorted(MESHES))
 def test_two_processes_train_like_one_device(tmp_path, make_config, one_device, name):
-    overrides, crossing_axis = MESHES[name]
+    overrides, crossing_axis, shards = MESHES[name]
     workdir = tmp_path / "run"
     results = launch(make_config(**COMMON, **overrides), workdir, tmp_path / "logs")
     check_results(results, crossing_axis)
+    # Each process reads only the data shards of the batch rows its devices hold: with rows split across the
+    # processes, disjoint halves of the documents; with every row on both, both shards.
+    assert [result["data_shards"] for result in results] == shards
     for result in results:
         assert_same_run(result["records"], one_device)
     assert_same_run(read_metrics(workdir), one_device)  # written once, by process 0
@@ -162,7 +166,7 @@ def test_two_processes_train_like_one_device(tmp_path, make_config, one_device, 
 def test_two_processes_stop_then_resume(tmp_path, make_config, one_device):
     """A stopped run resumes in new processes (another coordinator port): params, optimizer state and every
     process's data-iterator state come back, and the losses are those of the uninterrupted run."""
-    overrides, crossing_axis = MESHES["data2_sequence2"]
+    overrides, crossing_axis, _ = MESHES["data2_sequence2"]
     config, workdir = make_config(**COMMON, **overrides), tmp_path / "run"
     first = launch(config, workdir, tmp_path / "logs_first", "--stop_after", "1")
     check_results(first, crossing_axis)

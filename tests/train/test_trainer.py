@@ -215,3 +215,22 @@ def test_passkey_documents_are_mixed_into_training_data(make_config):
     assert text.count("What is the pass key? The pass key is") >= 2
     with pytest.raises(ValueError, match=r"data.passkey_fraction must be in \[0, 1\), got 1.0"):
         train(make_config(**{"data.passkey_fraction": 1.0}), "unused")
+
+
+def test_command_line_resumes_mid_curriculum_with_the_same_batches(tmp_path, make_config, config_file):
+    """Dataset Decomposition with a cyclic short-to-long curriculum: stopped at step 5 and resumed from the command
+    line, the run draws the same bucket lengths and reaches the same losses as the uninterrupted run."""
+    config = make_config(**{"data.seq_len": 256, "data.packing": "decomposition", "data.decomposition.min_len": 32,
+                            "data.decomposition.curriculum": "cyclic", "data.decomposition.cycles": 2,
+                            "train.checkpoint_every": 100})
+    reference = read_metrics(train(config, tmp_path / "straight") and tmp_path / "straight")
+    lengths = [r["batch_length"] for r in reference]
+    assert len(set(lengths)) > 1 and all(r["loss_tokens"] > 0 for r in reference)  # buckets of 32 to 256
+
+    path, workdir = config_file(config, tmp_path), tmp_path / "resumed"
+    for flags in (["--stop_after=5"], ["--resume"]):
+        subprocess.run([sys.executable, "-m", "longctx.train", f"--config={path}", f"--workdir={workdir}", *flags],
+                       cwd=REPO, check=True, capture_output=True)
+    resumed = read_metrics(workdir)
+    assert [r["batch_length"] for r in resumed] == lengths
+    assert math_of(resumed) == math_of(reference)
