@@ -185,12 +185,13 @@ def bucket_weights(corpora: Sequence[Corpus], passkey_fraction: float,
     return curriculum.natural_bucket_weights(counts)
 
 
-def document_stream(parts: Sequence[Component], seed: int) -> grain.IterDataset:
+def document_stream(parts: Sequence[Component], seed: int, read_threads: int = 0) -> grain.IterDataset:
     """The endless stream of the components' documents: each shuffled (reshuffled every epoch) and repeated, then
-    interleaved by weight (grain's deterministic weighted mix)."""
+    interleaved by weight (grain's deterministic weighted mix), read by `read_threads` threads (0: in the caller's
+    thread, no prefetch)."""
     streams = [part.documents.shuffle(seed=seed + i).repeat() for i, part in enumerate(parts)]
     mixed = streams[0] if len(streams) == 1 else grain.MapDataset.mix(streams, [part.weight for part in parts])
-    return mixed.to_iter_dataset()
+    return mixed.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads))
 
 
 def marker_ids(markers: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict[str, np.ndarray]:
@@ -222,7 +223,7 @@ def shard_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer, corpo
             seq_len=data.seq_len, min_len=dd.min_len, tokens_per_step=rows * data.seq_len, curriculum=dd.curriculum,
             steps=config.train.steps, cycles=dd.cycles, seed=seed,
             bucket_weights=bucket_weights(corpora, data.passkey_fraction, data))
-    stream = document_stream(parts, seed)
+    stream = document_stream(parts, seed, data.read_threads)
     if data.packing == "untie_knots":
         utk = data.untie_knots
         dataset = untie_knots.untie_knots_batches(
