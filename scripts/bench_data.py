@@ -8,7 +8,7 @@ tokens: the per-document costs dominate). A byte-level BPE tokenizer (vocabulary
 with the `tokenizers` library, then for each corpus:
 
 1. `tokenize`: raw text → BPE ids as scripts/tokenize_corpus.py writes them (`write_corpus`, encode_batch);
-2. `read`: the baseline, the pre-tokenised ArrayRecord corpus read through grain with no packing;
+2. `read`: the baseline, the pre-tokenised ArrayRecord corpus read through grain (shuffled, one thread) unpacked;
 3. `pack/<mode>`: `longctx.data.pipeline.train_batches` over that corpus, for every `data.packing` mode — what the
    trainer's input pipeline delivers, padding included in "tokens", excluded in "real_tokens" — and first_fit again
    with grain's default 16 reading threads instead of longctx's default 0;
@@ -131,7 +131,8 @@ def main() -> None:
               "cpus": os.cpu_count()})
 
         source = ArrayRecordSource(corpus, "train")
-        stream = iter(grain.MapDataset.source(source).shuffle(seed=0).repeat().to_iter_dataset())
+        stream = iter(grain.MapDataset.source(source).shuffle(seed=0).repeat().to_iter_dataset(
+            grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
         emit({"case": "read", "corpus": name, **drain(stream, args.tokens)})
 
         for packing in pipeline.PACKINGS:
