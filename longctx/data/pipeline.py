@@ -260,6 +260,9 @@ class ShardedBatches(grain.DatasetIterator):
                 "iterators": [iterator.get_state() for iterator in self._parents]}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        if "shards" not in state:
+            raise ValueError("the checkpoint's data iterator state predates data shards (an older longctx); its run "
+                             "cannot resume with the same batches: start from its params with train.init_from")
         if (list(state["shards"]), state["num_shards"]) != (self.shards, self.num_shards):
             raise ValueError(f"the checkpoint's data iterator read shards {state['shards']} of {state['num_shards']}; "
                              f"this process reads shards {self.shards} of {self.num_shards}. Resume with the "
@@ -282,9 +285,8 @@ def batch_shapes(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
     data = config.data
     if data.packing != "decomposition":
         return [(config.train.batch_size, data.seq_len)]
-    tokens = config.train.batch_size * data.seq_len
-    return [(tokens // length, length) for length in curriculum.bucket_lengths(data.seq_len,
-                                                                             data.decomposition.min_len)]
+    return curriculum.batch_shapes(seq_len=data.seq_len, min_len=data.decomposition.min_len,
+                                   tokens_per_step=config.train.batch_size * data.seq_len)
 
 
 def eval_documents(data: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer) -> list[np.ndarray]:
