@@ -1,0 +1,317 @@
+"""`decode_attention`: the new token(s) of each sequence against its KV cache, split-K (flash-decoding).
+
+One decoding step reads the whole cache once and computes little, so it is bound by memory bandwidth and needs
+parallelism from the sequence axis as well: Flash-Decoding (Dao, Haziza, Massa, Sizov, 2023) splits each sequence's
+cached keys into `num_splits` chunks processed in parallel, each writing its partial output and log-sum-exp, and a
+small combine merges them:
+
+    out = Σ_s exp(lse_s − lse) · out_s,    lse = log Σ_s exp(lse_s)   (a split that saw nothing has lse_s = −inf).
+
+Grid (batch, kv head, split): one program reads a key block once for all G = Hq / Hkv query heads of its group (and
+all T new tokens), a [T·G, D] × [D, block_k] product, so grouped-query attention costs the memory traffic of Hkv heads.
+
+Which keys count. Sequence b holds L = lengths[b] valid tokens (the T new ones last, at L−T..L−1); query t sits at
+position i = L − T + t and may see key j iff
+
+    j <= i   and   (window is None  or  i − j < window  or  j < sinks)
+
+(StreamingLLM's attention sinks, Xiao et al. 2023; LM-Infinite's Λ-shaped mask, Han et al. 2023). Keys at L and
+beyond are never used and may hold anything, NaN included; key blocks no query may see (past L, or between the sinks
+and the window) are never loaded: each sequence's visited blocks (`visit_plan`) are divided evenly among the splits.
+
+Caches, BTHD like the rest of pallas_kernels:
+    contiguous: k_cache, v_cache [B, S, Hkv, D]
+    paged:      k_cache, v_cache [num_pages, page_size, Hkv, D] and block_tables int32 [B, max_pages], vLLM-style:
+                logical page p of sequence b (tokens p·page_size ..) lives in physical page block_tables[b, p]; only
+                the entries of pages holding visited keys are read.
+A contiguous cache is handled as the paged one with a page per sequence (page_size S, block table [[0], [1], ..]).
+
+Backends (`BACKENDS`): "triton" (Pallas Triton, any CUDA GPU), "tpu" (Pallas Mosaic TPU) and "reference" (pure jnp,
+`pallas_kernels.decode.reference`, the oracle). "auto" picks the device's kernel. What a backend cannot serve raises
+NotImplementedError naming the combination before any work; `interpret=True` runs the kernels in Pallas interpret
+mode (on CPU in the tests).
+"""
+
+import dataclasses
+import importlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DTYPES = ("bfloat16", "float16", "float32")
+MAX_NEW_TOKENS = 16  # T of q [B, T, Hq, D]: speculative / multi-token decoding, not prefill
+
+# What each backend module provides: default_block_k(problem) (None: no block fits the pages, block_k_rule says
+# why), default_num_splits(problem), unsupported_reason(problem) -> str | None, and decode(problem, q [B, T, Hq, D],
+# k_cache, v_cache, lengths, block_tables) -> [B, T, Hq, D]; the kernels' decode is `split_k_decode`.
+BACKEND_MODULES = {
+    "triton": "pallas_kernels.decode.triton",
+    "tpu": "pallas_kernels.decode.tpu",
+    "reference": "pallas_kernels.decode.reference",
+}
+BACKENDS = tuple(BACKEND_MODULES)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeProblem:
+    """Everything static about one call. The cache as pages: a contiguous cache is B pages of S tokens."""
+
+    batch: int
+    num_new: int  # T, new tokens per sequence
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    num_pages: int
+    page_size: int
+    max_pages: int  # pages per sequence (block table columns)
+    paged: bool
+    sinks: int
+    window: int | None
+    scale: float
+    block_k: int
+    num_splits: int
+    interpret: bool
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def rows(self) -> int:
+        """Query rows per kv head: T new tokens × G query heads, row t·G + g."""
+        return self.num_new * self.group
+
+    @property
+    def capacity(self) -> int:
+        """Tokens a sequence can hold."""
+        return self.max_pages * self.page_size
+
+    @property
+    def max_visits(self) -> int:
+        """A static bound on the key blocks any sequence visits."""
+        blocks = self.capacity // self.block_k
+        if self.window is None:
+            return blocks
+        return min(blocks, -(-self.sinks // self.block_k) + -(-(self.window + self.num_new - 1) // self.block_k) + 1)
+
+
+def backend_module(name: str):
+    if name not in BACKEND_MODULES:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(BACKENDS)}, got {name!r}")
+    return importlib.import_module(BACKEND_MODULES[name])
+
+
+def _auto_backend(interpret: bool) -> str:
+    platform = jax.devices()[0].platform
+    if platform == "tpu":
+        return "tpu"
+    if platform == "gpu" or interpret:
+        return "triton"
+    raise NotImplementedError(f"decode_attention has kernels for GPU and TPU; on {platform} pass interpret=True "
+                              f"(Pallas interpret mode) or backend='reference'")
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(np.shape(x))
+
+
+def _check(q, k_cache, v_cache, lengths, block_tables, sinks, window, scale, num_splits, block_k):
+    """ValueError naming the field for every malformed argument, before any work."""
+    if np.ndim(q) not in (3, 4):
+        raise ValueError(f"q must be [B, Hq, D] (one new token per sequence) or [B, T, Hq, D], got shape {_shape(q)}")
+    if np.ndim(q) == 4 and not 1 <= q.shape[1] <= MAX_NEW_TOKENS:
+        raise ValueError(f"q [B, T, Hq, D] takes T <= {MAX_NEW_TOKENS} new tokens (decoding, not prefill: use "
+                         f"flash_attention for longer queries), got T={q.shape[1]}")
+    B, Hq, D = q.shape[0], q.shape[-2], q.shape[-1]
+    layout = "[num_pages, page_size, Hkv, D]" if block_tables is not None else "[B, S, Hkv, D]"
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if np.ndim(cache) != 4:
+            raise ValueError(f"{name} must be {layout}, got shape {_shape(cache)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have one shape, got {k_cache.shape} and {v_cache.shape}")
+    if k_cache.shape[3] != D:
+        raise ValueError(f"k_cache's head dim must be q's D={D}, got k_cache {k_cache.shape}")
+    Hkv = k_cache.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"the query heads Hq={Hq} must be a multiple of the cache's kv heads Hkv={Hkv}")
+    if block_tables is None and k_cache.shape[0] != B:
+        raise ValueError(f"k_cache must be [B, S, Hkv, D] with q's batch B={B}, got {k_cache.shape} (pass "
+                         f"block_tables for a paged cache)")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or jnp.dtype(q.dtype).name not in DTYPES:
+        raise ValueError(f"q, k_cache and v_cache must share one dtype of {', '.join(DTYPES)}; got {q.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
+    if _shape(lengths) != (B,) or getattr(lengths, "dtype", None) != jnp.int32:
+        raise ValueError(f"lengths must be int32 [B={B}] (valid cached tokens per sequence), got "
+                         f"{getattr(lengths, 'dtype', type(lengths).__name__)} {_shape(lengths)}")
+    if block_tables is not None and (np.ndim(block_tables) != 2 or block_tables.shape[0] != B
+                                     or block_tables.shape[1] < 1 or getattr(block_tables, "dtype", None) != jnp.int32):
+        raise ValueError(f"block_tables must be int32 [B={B}, max_pages] (the physical page of each logical page), "
+                         f"got {getattr(block_tables, 'dtype', type(block_tables).__name__)} {_shape(block_tables)}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1):
+        raise ValueError(f"window must be None or an int >= 1 (the last `window` keys of each query count), got "
+                         f"{window!r}")
+    if isinstance(sinks, bool) or not isinstance(sinks, (int, np.integer)) or sinks < 0:
+        raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
+    if sinks and window is None:
+        raise ValueError(f"sinks={sinks} needs a window: without one every key counts already")
+    if scale is not None and not (isinstance(scale, (int, float, np.floating)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be None (1/sqrt(D)) or a finite float, got {scale!r}")
+    for name, value in (("num_splits", num_splits), ("block_k", block_k)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"{name} must be None (the backend's default) or an int >= 1, got {value!r}")
+
+
+def plan(q_shape, cache_shape, dtype, *, block_tables_shape=None, sinks: int = 0, window: int | None = None,
+         scale: float | None = None, num_splits: int | None = None, block_k: int | None = None,
+         backend: str = "auto", interpret: bool = False):
+    """The static DecodeProblem of a call and the backend module that runs it. Raises ValueError for a block_k that
+    does not fit the pages, NotImplementedError (naming the combination) for what the backend cannot do."""
+    if backend == "auto":
+        backend = _auto_backend(interpret)
+    implementation = backend_module(backend)
+    B, Hq, D = q_shape[0], q_shape[-2], q_shape[-1]
+    paged = block_tables_shape is not None
+    num_pages, page_size, Hkv = cache_shape[:3]
+    problem = DecodeProblem(
+        batch=B, num_new=q_shape[1] if len(q_shape) == 4 else 1, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D,
+        dtype=jnp.dtype(dtype).name, num_pages=num_pages, page_size=page_size,
+        max_pages=block_tables_shape[1] if paged else 1, paged=paged, sinks=int(sinks),
+        window=None if window is None else int(window), scale=float(D ** -0.5 if scale is None else scale),
+        block_k=0, num_splits=0, interpret=interpret)
+    what = "page_size" if paged else "the cache length S"
+    if block_k is None:
+        block_k = implementation.default_block_k(problem)
+        if block_k is None:
+            raise NotImplementedError(f"decode_attention backend={backend!r} finds no key block size dividing "
+                                      f"{what}={page_size}: {implementation.block_k_rule}")
+    elif page_size % block_k:
+        raise ValueError(f"block_k={block_k} must divide {what}={page_size} (a key block lies within one page)")
+    problem = dataclasses.replace(problem, block_k=int(block_k))
+    problem = dataclasses.replace(problem, num_splits=int(num_splits or implementation.default_num_splits(problem)))
+    reason = implementation.unsupported_reason(problem)
+    if reason is not None:
+        raise NotImplementedError(f"decode_attention backend={backend!r} cannot run this call: {reason}")
+    return problem, implementation
+
+
+def default_gpu_splits(problem: DecodeProblem) -> int:
+    """Enough programs to fill the GPU twice over, B·Hkv·splits >= 2 × SM count, but no more splits than blocks."""
+    device = jax.devices()[0]
+    cores = getattr(device, "core_count", None) if device.platform == "gpu" else None
+    target = 2 * (cores or 132)  # H100's SM count off the GPU (interpret mode), to exercise the same split sizes
+    return max(1, min(-(-target // (problem.batch * problem.num_kv_heads)), problem.max_visits))
+
+
+def largest_block(page_size: int, largest: int, smallest: int, *, power_of_two: bool) -> int | None:
+    """The largest block size in [smallest, largest] dividing page_size (powers of two, or multiples of `smallest`)."""
+    candidates = [2 ** n for n in range(12, -1, -1)] if power_of_two else range(largest, 0, -smallest)
+    return next((b for b in candidates if smallest <= b <= largest and page_size % b == 0), None)
+
+
+def visit_plan(problem: DecodeProblem, lengths: jax.Array) -> dict[str, jax.Array]:
+    """int32 [B] arrays: `lengths` clipped to [0, capacity]; `count`, the key blocks sequence b visits; and how the
+    visit index n maps to a key block (`visited_block`): blocks 0..sink_blocks−1 (those holding sinks), then
+    window_first, window_first+1, .. up to the block holding key L−1. Without a window every block below L."""
+    bk, T = problem.block_k, problem.num_new
+    length = jnp.clip(lengths, 0, problem.capacity)
+    num_blocks = (length + bk - 1) // bk
+    if problem.window is None:
+        zeros = jnp.zeros_like(length)
+        return {"length": length, "count": num_blocks, "sink_blocks": zeros, "window_first": zeros}
+    lowest = jnp.maximum(length - T - problem.window + 1, 0)  # the first key query 0's window reaches
+    window_first = lowest // bk
+    sink_blocks = jnp.minimum((jnp.minimum(length, problem.sinks) + bk - 1) // bk, window_first)
+    count = sink_blocks + jnp.maximum(num_blocks - window_first, 0)
+    return {"length": length, "count": count, "sink_blocks": sink_blocks, "window_first": window_first}
+
+
+def visited_block(n, sink_blocks, window_first):
+    """The key block of visit n (scalars; usable in kernels and index maps)."""
+    return jnp.where(n < sink_blocks, n, window_first + n - sink_blocks)
+
+
+def split_range(count, split, num_splits: int):
+    """Visits [start, end) of split `split`: each sequence's visits divided evenly among its splits."""
+    per_split = (count + num_splits - 1) // num_splits
+    start = split * per_split
+    return start, jnp.minimum(start + per_split, count)
+
+
+def query_positions(problem: DecodeProblem, length, row_ids):
+    """Position L − T + t of each query row id, t = row // G (padding rows past T·G take the last token), counted by
+    comparisons rather than a vector division."""
+    token = sum(((row_ids >= t * problem.group).astype(jnp.int32) for t in range(1, problem.num_new)),
+                jnp.zeros_like(row_ids))
+    return length - problem.num_new + token
+
+
+def allowed(problem: DecodeProblem, query_pos, key_pos):
+    """Which keys each query may see, from broadcastable int32 positions (the module docstring's rule)."""
+    seen = key_pos <= query_pos
+    if problem.window is not None:
+        near = query_pos - key_pos < problem.window
+        seen = seen & ((near | (key_pos < problem.sinks)) if problem.sinks else near)
+    return seen
+
+
+def _grouped_queries(problem: DecodeProblem, q, rows: int):
+    """q [B, T, Hq, D] → [B, Hkv, rows, D], row t·G + g holding query head h·G + g of token t, zero-padded."""
+    B, T, Hq, D = q.shape
+    grouped = q.reshape(B, T, problem.num_kv_heads, problem.group, D).transpose(0, 2, 1, 3, 4)
+    grouped = grouped.reshape(B, problem.num_kv_heads, T * problem.group, D)
+    return jnp.pad(grouped, ((0, 0), (0, 0), (0, rows - T * problem.group), (0, 0)))
+
+
+def _ungrouped(problem: DecodeProblem, out):
+    """[B, Hkv, rows, D] → [B, T, Hq, D]."""
+    B, Hkv, _, D = out.shape
+    out = out[:, :, :problem.rows].reshape(B, Hkv, problem.num_new, problem.group, D)
+    return out.transpose(0, 2, 1, 3, 4).reshape(B, problem.num_new, problem.num_q_heads, D)
+
+
+def combine(out, lse):
+    """Merges the splits: out [B, Hkv, splits, rows, D] (each normalised over its own keys) and lse [B, Hkv, splits,
+    rows] float32 → [B, Hkv, rows, D] float32; 0 where no split saw a key."""
+    top = jnp.max(lse, axis=2, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = jnp.exp(lse - top)  # 0 for splits that saw nothing
+    total = jnp.sum(weights, axis=2)
+    merged = jnp.einsum("bhsr,bhsrd->bhrd", weights, out, precision=jax.lax.Precision.HIGHEST)
+    return merged / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
+                     block_tables: jax.Array | None = None, sinks: int = 0, window: int | None = None,
+                     scale: float | None = None, num_splits: int | None = None, block_k: int | None = None,
+                     backend: str = "auto", interpret: bool = False) -> jax.Array:
+    """Attention of the new token(s) of each sequence over its KV cache (module docstring: masks, caches, backends).
+
+    q: [B, Hq, D], or [B, T, Hq, D] with T <= 16 new tokens (causal among themselves). k_cache, v_cache:
+    [B, S, Hkv, D], or [num_pages, page_size, Hkv, D] with block_tables int32 [B, max_pages]. lengths: int32 [B],
+    the valid tokens of each sequence, new ones included (values are clipped to [0, S] or [0, max_pages·page_size]).
+    window: only the last `window` keys of each query count; sinks: the first `sinks` keys count too (needs window).
+    scale defaults to 1/sqrt(D). num_splits, block_k: split-K chunks per sequence and key block size (None: the
+    backend's defaults). Returns [B, Hq, D] (or [B, T, Hq, D]) in q's dtype, 0 for a query with no key (lengths 0).
+    """
+    _check(q, k_cache, v_cache, lengths, block_tables, sinks, window, scale, num_splits, block_k)
+    problem, implementation = plan(
+        q.shape, k_cache.shape, q.dtype, block_tables_shape=None if block_tables is None else block_tables.shape,
+        sinks=sinks, window=window, scale=scale, num_splits=num_splits, block_k=block_k, backend=backend,
+        interpret=interpret)
+    tokens = q if q.ndim == 4 else q[:, None]
+    if block_tables is None:  # a page per sequence
+        block_tables = jnp.arange(problem.batch, dtype=jnp.int32)[:, None]
+    out = implementation.decode(problem, tokens, k_cache, v_cache, lengths, block_tables)
+    return out if q.ndim == 4 else out[:, 0]
+
+
+def split_k_decode(problem: DecodeProblem, tokens, k_cache, v_cache, lengths, block_tables, *, partials, rows: int):
+    """What a kernel backend's `decode` does: group the queries by kv head into `rows` rows, run
+    partials(problem, q [B, Hkv, rows, D], k_cache, v_cache, block_tables, visit_plan) → (out [B, Hkv, splits, rows,
+    D], lse [B, Hkv, splits, rows]) float32, combine the splits and restore [B, T, Hq, D] in the input dtype."""
+    partial_out, lse = partials(problem, _grouped_queries(problem, tokens, rows), k_cache, v_cache, block_tables,
+                                visit_plan(problem, lengths))
+    return _ungrouped(problem, combine(partial_out, lse)).astype(tokens.dtype)

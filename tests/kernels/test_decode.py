@@ -1,0 +1,259 @@
+"""pallas_kernels.decode_attention: every backend against a naive numpy oracle written here (float64 loops over
+sequence, token and head), on contiguous and paged caches, MHA and GQA, lengths 0, 1, off the block grid and full,
+NaN past every length, windows and sinks, several new tokens, bfloat16; and the visit plan, the lowering for GPU and
+TPU, and the argument checks.
+
+Interpret-mode classes run the Pallas kernels on CPU (make test); the compiled ones run where the device is present.
+"""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import decode_attention
+from pallas_kernels.decode import attention
+
+F32_TOLERANCE = 2e-5  # float32 kernels against the float64 oracle
+BF16_TOLERANCE = 3e-2  # bfloat16 inputs (the oracle sees the same rounded values), float32 accumulation
+B, S, HKV = 4, 128, 2
+LENGTHS = (0, 1, 45, S)  # empty, one key, off the block grid, the full cache
+HEADS = {"mha": 2, "gqa": 8}  # Hq over Hkv = 2: groups of 1 and 4
+
+
+def numpy_decode(q, k, v, lengths, *, sinks=0, window=None, scale=None):
+    """q [B, T, Hq, D], k/v [B, S, Hkv, D] contiguous → [B, T, Hq, D] float64, key by key."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    Bq, T, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    out = np.zeros(q.shape)
+    for b in range(Bq):
+        for t in range(T):
+            i = int(lengths[b]) - T + t
+            keys = [j for j in range(0, min(int(lengths[b]), i + 1))
+                    if window is None or i - j < window or j < sinks]
+            if not keys:
+                continue
+            for h in range(Hq):
+                logits = k[b, keys, h // group] @ q[b, t, h] * scale
+                weights = np.exp(logits - logits.max())
+                out[b, t, h] = weights / weights.sum() @ v[b, keys, h // group]
+    return out
+
+
+def _inputs(Hq, *, D=64, T=None, dtype=jnp.float32, lengths=LENGTHS, seed=0):
+    """q ([B, Hq, D], or [B, T, Hq, D] when T is given), k, v [B, S, Hkv, D] with NaN from each length on."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(B, Hq, D) if T is None else (B, T, Hq, D))
+    k, v = rng.normal(size=(B, S, HKV, D)), rng.normal(size=(B, S, HKV, D))
+    q, k, v = (np.array(jnp.asarray(x, dtype).astype(jnp.float32)) for x in (q, k, v))  # as the kernels see them
+    for b, length in enumerate(lengths):
+        k[b, length:], v[b, length:] = np.nan, np.nan
+    return q, k, v, np.asarray(lengths, np.int32)
+
+
+def _paged(cache, lengths, page_size, seed=1):
+    """The contiguous cache [B, S, Hkv, D] as pages [B·S/page_size + 2, page_size, Hkv, D] in a random order, two
+    spare pages of NaN, and the block table; table entries of pages past a length point far out of range."""
+    rng = np.random.default_rng(seed)
+    per_sequence = S // page_size
+    num_pages = B * per_sequence + 2
+    order = rng.permutation(num_pages)[:B * per_sequence].reshape(B, per_sequence)
+    pages = np.full((num_pages, page_size, *cache.shape[2:]), np.nan, cache.dtype)
+    for b in range(B):
+        for p in range(per_sequence):
+            pages[order[b, p]] = cache[b, p * page_size:(p + 1) * page_size]
+    used = np.arange(per_sequence)[None] * page_size < np.asarray(lengths)[:, None]
+    return pages, np.where(used, order, 1 << 20).astype(np.int32)
+
+
+def _as(x, dtype):
+    return jnp.asarray(x, jnp.float32).astype(dtype)
+
+
+class DecodeTests:
+    backend: str = ""
+    interpret: bool = True
+    head_dim = 64
+    kernel_options = {"block_k": 16, "num_splits": 3}  # 8 blocks of the full cache, 3 uneven splits
+
+    def decode(self, q, k, v, lengths, dtype=jnp.float32, **kwargs):
+        options = {} if self.backend == "reference" else self.kernel_options
+        kwargs = {**options, **kwargs}
+        return decode_attention(_as(q, dtype), _as(k, dtype), _as(v, dtype), jnp.asarray(lengths),
+                                backend=self.backend, interpret=self.interpret, **kwargs)
+
+    def check(self, out, expected, tolerance=F32_TOLERANCE):
+        out = np.asarray(jnp.asarray(out).astype(jnp.float32))
+        assert np.all(np.isfinite(out)), "NaN past a length (or in a skipped block) reached the output"
+        np.testing.assert_allclose(out, expected, atol=tolerance, rtol=tolerance)
+
+    @pytest.mark.parametrize("heads", sorted(HEADS))
+    def test_contiguous_and_paged_caches(self, heads):
+        q, k, v, lengths = _inputs(HEADS[heads], D=self.head_dim)
+        out = self.decode(q, k, v, lengths)
+        self.check(out, numpy_decode(q[:, None], k, v, lengths)[:, 0])
+        assert np.all(np.asarray(out[0]) == 0), "a sequence of length 0 must give 0"
+        (k_pages, block_tables), (v_pages, _) = _paged(k, lengths, 32), _paged(v, lengths, 32)
+        paged = self.decode(q, k_pages, v_pages, lengths, block_tables=jnp.asarray(block_tables))
+        np.testing.assert_array_equal(np.asarray(paged), np.asarray(out), err_msg="paged != contiguous")
+
+    @pytest.mark.parametrize("sinks,window", [(0, 20), (5, 20)])
+    def test_window_and_sinks(self, sinks, window):
+        """Lengths shorter than the window and than the sinks too; NaN in every key block no query may see, which a
+        kernel that loaded it would spread through 0 · NaN."""
+        lengths = (3, 17, 45, S)
+        q, k, v, lengths = _inputs(HEADS["gqa"], D=self.head_dim, lengths=lengths)
+        block = 16
+        for b, length in enumerate(lengths):
+            for start in range(0, S, block):
+                keys = np.arange(start, start + block)
+                if not np.any((keys < length) & ((length - 1 - keys < window) | (keys < sinks))):
+                    k[b, start:start + block], v[b, start:start + block] = np.nan, np.nan
+        out = self.decode(q, k, v, lengths, sinks=sinks, window=window)
+        self.check(out, numpy_decode(q[:, None], k, v, lengths, sinks=sinks, window=window)[:, 0])
+
+    def test_several_new_tokens(self):
+        """q [B, T, Hq, D]: T = 3 tokens causal among themselves, a window and sinks, and a sequence shorter than T."""
+        q, k, v, lengths = _inputs(HEADS["gqa"], D=self.head_dim, T=3, lengths=(2, 17, 45, S))
+        out = self.decode(q, k, v, lengths, sinks=2, window=20, scale=0.3)
+        self.check(out, numpy_decode(q, k, v, lengths, sinks=2, window=20, scale=0.3))
+
+    def test_bfloat16(self):
+        q, k, v, lengths = _inputs(HEADS["gqa"], D=self.head_dim, dtype=jnp.bfloat16)
+        out = self.decode(q, k, v, lengths, dtype=jnp.bfloat16)
+        assert out.dtype == jnp.bfloat16
+        self.check(out, numpy_decode(q[:, None], k, v, lengths)[:, 0], tolerance=BF16_TOLERANCE)
+
+    def test_num_splits_do_not_change_the_answer(self):
+        if self.backend == "reference":
+            pytest.skip("the reference has no splits")
+        q, k, v, lengths = _inputs(HEADS["gqa"], D=self.head_dim)
+        one, many = (self.decode(q, k, v, lengths, num_splits=n) for n in (1, 7))
+        np.testing.assert_allclose(np.asarray(one), np.asarray(many), atol=1e-6, rtol=1e-6)
+
+
+class TestReference(DecodeTests):
+    backend = "reference"
+    interpret = False
+
+
+class TestTritonInterpret(DecodeTests):
+    backend = "triton"
+
+
+class TestTpuInterpret(DecodeTests):
+    backend = "tpu"
+    head_dim = 128  # the tpu kernel reads a head as a 128-lane column block of the cache rows
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="needs a CUDA GPU")
+class TestTritonGPU(DecodeTests):
+    backend = "triton"
+    interpret = False
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "tpu", reason="needs a TPU")
+class TestTpuCompiled(DecodeTests):
+    backend = "tpu"
+    interpret = False
+    head_dim = 128
+
+
+@pytest.mark.parametrize("sinks,window,num_new", [(0, None, 1), (0, 20, 1), (5, 20, 1), (40, 10, 1), (3, 7, 3),
+                                                  (0, 1, 1)])
+def test_visit_plan_covers_exactly_the_blocks_with_a_visible_key(sinks, window, num_new):
+    """The blocks the kernels visit (each once, split by split) are those holding a key some query may see."""
+    block_k, num_splits = 16, 3
+    problem, _ = attention.plan((B, num_new, 8, 64), (B, S, HKV, 64), jnp.float32, sinks=sinks, window=window,
+                                block_k=block_k, num_splits=num_splits, backend="triton", interpret=True)
+    lengths = np.arange(0, S + 1, dtype=np.int32)
+    problem = attention.dataclasses.replace(problem, batch=len(lengths))
+    plan = {name: np.asarray(x) for name, x in attention.visit_plan(problem, jnp.asarray(lengths)).items()}
+    for b, length in enumerate(lengths):
+        visited = []
+        for split in range(num_splits):
+            start, end = (int(x) for x in attention.split_range(plan["count"][b], split, num_splits))
+            visited += [int(attention.visited_block(n, plan["sink_blocks"][b], plan["window_first"][b]))
+                        for n in range(start, end)]
+        queries = np.arange(length - num_new, length)[:, None]
+        keys = np.arange(S)[None]
+        seen = np.asarray(attention.allowed(problem, queries, keys)) & (keys < length) & (queries >= 0)
+        expected = sorted({int(j) // block_k for j in np.nonzero(seen.any(0))[0]})
+        assert visited == expected, f"length {length}"
+        assert len(visited) <= problem.max_visits
+
+
+def test_default_splits_fill_the_gpu():
+    """B·Hkv·splits >= 2 × the SM count (off a GPU an H100's 132) when the cache has the blocks, else one per block."""
+    device = jax.devices()[0]
+    cores = (device.core_count if device.platform == "gpu" else None) or 132
+    problem, _ = attention.plan((1, 32, 128), (1, 65536, 8, 128), jnp.bfloat16, backend="triton", interpret=True)
+    assert problem.num_splits * 8 >= 2 * cores
+    problem, _ = attention.plan((1, 32, 128), (1, 64, 8, 128), jnp.bfloat16, backend="triton", interpret=True)
+    assert problem.num_splits == problem.max_visits == 1
+
+
+@pytest.mark.parametrize("platform,device_kind,backend,head_dim", [
+    ("cuda", "NVIDIA H100 80GB HBM3", "triton", 64), ("tpu", "TPU v5 lite", "tpu", 128)])
+def test_kernels_lower_for_their_devices(platform, device_kind, backend, head_dim):
+    """Pallas → Triton IR and Pallas → Mosaic lowering, on CPU through an abstract device: a paged bfloat16 GQA call
+    with several tokens, a window and sinks (what the interpret tests run but the lowering can refuse)."""
+    abstract = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1,
+                                           platform="gpu" if platform == "cuda" else platform)
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=abstract)
+    shapes = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in (
+        ((2, 3, 32, head_dim), jnp.bfloat16), ((64, 128, 8, head_dim), jnp.bfloat16),
+        ((64, 128, 8, head_dim), jnp.bfloat16), ((2,), jnp.int32), ((2, 16), jnp.int32))]
+    attend = jax.jit(lambda q, k, v, lengths, tables: decode_attention(
+        q, k, v, lengths, block_tables=tables, sinks=4, window=1000, num_splits=4, backend=backend))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = attend.trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
+    assert "decode_attention_split_k" in text
+
+
+def _valid_call():
+    q, k, v, lengths = _inputs(8)
+    return dict(q=jnp.asarray(q), k_cache=jnp.asarray(k), v_cache=jnp.asarray(v), lengths=jnp.asarray(lengths))
+
+
+BAD_CALLS = {
+    "q_rank": (lambda c: c.update(q=c["q"][0]), ValueError, "q must be"),
+    "too_many_tokens": (lambda c: c.update(q=jnp.zeros((B, 17, 8, 64))), ValueError, "T <= 16"),
+    "cache_rank": (lambda c: c.update(k_cache=c["k_cache"][0]), ValueError, "k_cache must be"),
+    "k_v_shapes": (lambda c: c.update(v_cache=c["v_cache"][:, :64]), ValueError, "k_cache and v_cache"),
+    "head_dim": (lambda c: c.update(q=c["q"][..., :32]), ValueError, "head dim"),
+    "heads": (lambda c: c.update(q=c["q"][:, :3]), ValueError, "Hq=3"),
+    "cache_batch": (lambda c: c.update(k_cache=c["k_cache"][:2], v_cache=c["v_cache"][:2]), ValueError, "batch"),
+    "dtype": (lambda c: c.update(q=c["q"].astype(jnp.bfloat16)), ValueError, "dtype"),
+    "lengths_dtype": (lambda c: c.update(lengths=c["lengths"].astype(jnp.float32)), ValueError, "lengths"),
+    "lengths_shape": (lambda c: c.update(lengths=c["lengths"][:2]), ValueError, "lengths"),
+    "block_tables_dtype": (lambda c: c.update(block_tables=jnp.zeros((B, 4), jnp.float32)), ValueError,
+                           "block_tables"),
+    "block_tables_shape": (lambda c: c.update(block_tables=jnp.zeros((2, 4), jnp.int32)), ValueError,
+                           "block_tables"),
+    "window": (lambda c: c.update(window=0), ValueError, "window"),
+    "sinks_without_window": (lambda c: c.update(sinks=4), ValueError, "sinks"),
+    "negative_sinks": (lambda c: c.update(sinks=-1, window=8), ValueError, "sinks"),
+    "num_splits": (lambda c: c.update(num_splits=0, backend="triton"), ValueError, "num_splits"),
+    "block_k_vs_page": (lambda c: c.update(block_k=48, backend="triton"), ValueError, "block_k=48 must divide"),
+    "block_k_power_of_two": (lambda c: c.update(block_k=8, backend="triton"), NotImplementedError,
+                             "powers of two >= 16"),
+    "backend": (lambda c: c.update(backend="cuda"), ValueError, "backend must be"),
+    "reference_splits": (lambda c: c.update(num_splits=2), NotImplementedError, "no num_splits"),
+    "triton_head_dim": (lambda c: c.update(q=c["q"][..., :48], k_cache=c["k_cache"][..., :48],
+                                           v_cache=c["v_cache"][..., :48], backend="triton"),
+                        NotImplementedError, "head dims"),
+    "tpu_head_dim_64": (lambda c: c.update(backend="tpu"), NotImplementedError, "head dims"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CALLS))
+def test_rejects_bad_arguments_naming_the_field(name):
+    change, error, match = BAD_CALLS[name]
+    call = {**_valid_call(), "backend": "reference", "interpret": True}
+    change(call)
+    with pytest.raises(error, match=match):
+        decode_attention(**call)
