@@ -43,6 +43,7 @@ setuptools.setup(
         "console_scripts": [
             "longctx-train=longctx.train.__main__:run",
             "longctx-eval=longctx.eval.__main__:run",
+            "longctx-generate=longctx.generate:run",
         ]
     },
 )

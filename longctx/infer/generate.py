@@ -1,10 +1,11 @@
-"""Greedy generation through the KV cache, batched over prompts of different lengths.
+"""Generation through the KV cache, batched over prompts of different lengths.
 
 A batch of prompts is left-padded to a common width W (segment id 0 on the padding; each prompt's positions run
 0..n-1 on its own tokens), prefilled into a cache of W + max_new_tokens columns — in chunks of `prefill_chunk`
 columns when given, so no chunk builds more than chunk × cache-width scores — and then decoded one token per step for
 all rows at once, in one compiled loop (`jax.lax.while_loop`) that stops when every row has produced a stop token or
-`max_new_tokens` tokens. Greedy: each next token is the argmax of the logits.
+`max_new_tokens` tokens. Each next token is the argmax of the logits (greedy, the default) or sampled with a
+temperature and top-p (`longctx.infer.sampling`), from a key that depends only on the seed and the step.
 """
 
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longctx.infer.kv_cache import KVCache
+from longctx.infer.sampling import Sampling, next_tokens
 from longctx.models import Llama
 
 WIDTH_GRANULE = 64  # prompt widths round up to a multiple of this (or of the prefill chunk): fewer compilations
@@ -45,9 +47,9 @@ def _prefill(model, params, cache, tokens, positions, segment_ids):
     return logits[:, -1], cache
 
 
-def _decode(model, params, cache, logits, next_positions, stop_ids, max_new_tokens):
-    """Greedy steps from the prefill's last logits: [B, max_new_tokens] int32 generated ids (stop_ids[0] or -1 after
-    a row has stopped)."""
+def _decode(model, params, cache, logits, next_positions, rng, stop_ids, max_new_tokens, sampling):
+    """Decoding steps from the prefill's last logits: [B, max_new_tokens] int32 generated ids (-1 after a row has
+    stopped). Step t samples with `fold_in(rng, t)`."""
     batch = logits.shape[0]
     stops = jnp.asarray(stop_ids, jnp.int32)
 
@@ -57,7 +59,7 @@ def _decode(model, params, cache, logits, next_positions, stop_ids, max_new_toke
 
     def body(state):
         step, cache, logits, positions, out, done = state
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        token = next_tokens(logits, jax.random.fold_in(rng, step), sampling)
         token = jnp.where(done, -1, token)
         out = out.at[:, step].set(token)
         done = done | jnp.isin(token, stops)
@@ -71,20 +73,24 @@ def _decode(model, params, cache, logits, next_positions, stop_ids, max_new_toke
 
 
 class Generator:
-    """Greedy generation for one model and its params, compiled once per (batch size, prompt width, new tokens)."""
+    """Generation for one model and its params, compiled once per (batch size, prompt width, new tokens).
+
+    `sampling` (default greedy) picks each token; `seed` seeds the sampling of every `generate` call alike.
+    """
 
     def __init__(self, model: Llama, params, *, pad_id: int, prefill_chunk: int | None = None,
-                 max_length: int | None = None):
+                 max_length: int | None = None, sampling: Sampling = Sampling(), seed: int = 0):
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
         self.model, self.params, self.pad_id = model, params, pad_id
         self.prefill_chunk, self.max_length = prefill_chunk, max_length
+        self.sampling, self.rng = sampling, jax.random.key(seed)
         self._prefill = jax.jit(_prefill, static_argnums=0, donate_argnums=2)
-        self._decode = jax.jit(_decode, static_argnums=(0, 5, 6))
+        self._decode = jax.jit(_decode, static_argnums=(0, 6, 7, 8))
 
     def generate(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
                  stop_ids: Sequence[int] = ()) -> list[np.ndarray]:
-        """Each prompt's greedy continuation (int32, at most `max_new_tokens` ids, cut after the first stop id) for
+        """Each prompt's continuation (int32, at most `max_new_tokens` ids, cut after the first stop id) for
         one batch of prompts (1-D int arrays, each at least one token)."""
         if not prompts:
             return []
@@ -106,8 +112,8 @@ class Generator:
                                           piece["segment_ids"])
         next_positions = jnp.asarray([len(p) for p in prompts], jnp.int32)
         stops = tuple(int(s) for s in stop_ids) or (-2,)
-        out = np.asarray(self._decode(self.model, self.params, cache, logits, next_positions, stops,
-                                      max_new_tokens))
+        out = np.asarray(self._decode(self.model, self.params, cache, logits, next_positions, self.rng, stops,
+                                      max_new_tokens, self.sampling))
         results = []
         for row in out:
             row = row[row >= 0]

@@ -1,0 +1,74 @@
+"""python -m longctx.generate --workdir RUN --prompt-file F [--max_new_tokens 256] [--temperature 0.7 --top_p 0.9]
+
+Continues the text of a file with a trained run (its newest checkpoint, or --step) through the KV cache and prints
+the continuation. Greedy by default; `--temperature` > 0 samples, from the nucleus of `--top_p`, seeded by `--seed`.
+The Python API is `longctx.infer.generate.Generator`; `load_run` gives it a run's model and params.
+"""
+
+import pathlib
+import sys
+
+import jax
+from absl import app, flags
+
+from longctx import cli
+from longctx.data import Tokenizer, load_tokenizer
+from longctx.infer.generate import Generator
+from longctx.infer.sampling import Sampling
+from longctx.models import Llama, build_model, init_params
+from longctx.train import checkpoint
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run to generate with (a longctx.train workdir).", required=True)
+_PROMPT_FILE = flags.DEFINE_string("prompt-file", None, "A UTF-8 text file: the prompt.", required=True)
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 256, "Most tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the most probable tokens of this much probability.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampling.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 1024, "Prompt tokens per prefill call.")
+
+
+def load_run(workdir: str | pathlib.Path, step: int | None = None) -> tuple[Tokenizer, Llama, dict, int]:
+    """(tokenizer, model, params, step) of the run in `workdir` at checkpoint `step` (default: the newest)."""
+    workdir = pathlib.Path(workdir)
+    config = checkpoint.load_run_config(workdir)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    model = build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
+    checkpoints = checkpoint.Checkpoints(workdir)
+    available = sorted(checkpoints.manager.all_steps())
+    if not available:
+        raise FileNotFoundError(f"--workdir {workdir} holds no checkpoint")
+    step = available[-1] if step is None else step
+    if step not in available:
+        raise ValueError(f"--step {step} has no checkpoint in {workdir}; it has steps {available}")
+    params = checkpoints.restore_params(step, jax.eval_shape(lambda: init_params(model, jax.random.key(0))[0]))
+    checkpoints.close()
+    return tokenizer, model, params, step
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.setup_logging()
+    try:
+        sampling = Sampling(temperature=_TEMPERATURE.value, top_p=_TOP_P.value)
+        prompt_path = pathlib.Path(_PROMPT_FILE.value)
+        if not prompt_path.is_file():
+            raise FileNotFoundError(f"--prompt-file: no such file {prompt_path}")
+        tokenizer, model, params, _ = load_run(_WORKDIR.value, _STEP.value)
+        prompt = tokenizer.frame(tokenizer.encode(prompt_path.read_text(encoding="utf-8")))[:-1]  # BOS, no EOS
+        generator = Generator(model, params, pad_id=tokenizer.pad_id, prefill_chunk=_PREFILL_CHUNK.value,
+                              max_length=model.position_scheme.max_length(), sampling=sampling, seed=_SEED.value)
+        (continuation,) = generator.generate([prompt], max_new_tokens=_MAX_NEW_TOKENS.value,
+                                             stop_ids=[tokenizer.eos_id])
+    except (ValueError, FileNotFoundError, UnicodeDecodeError) as e:
+        sys.exit(f"error: {e}")
+    print(tokenizer.decode(continuation))
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
