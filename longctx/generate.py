@@ -8,14 +8,13 @@ The Python API is `longctx.infer.generate.Generator`; `load_run` gives it a run'
 import pathlib
 import sys
 
-import jax
 from absl import app, flags
 
 from longctx import cli
 from longctx.data import Tokenizer, load_tokenizer
 from longctx.infer.generate import Generator
 from longctx.infer.sampling import Sampling
-from longctx.models import Llama, build_model, init_params
+from longctx.models import Llama, build_model, param_structure
 from longctx.train import checkpoint
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run to generate with (a longctx.train workdir).", required=True)
@@ -35,13 +34,8 @@ def load_run(workdir: str | pathlib.Path, step: int | None = None) -> tuple[Toke
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
     checkpoints = checkpoint.Checkpoints(workdir)
-    available = sorted(checkpoints.manager.all_steps())
-    if not available:
-        raise FileNotFoundError(f"--workdir {workdir} holds no checkpoint")
-    step = available[-1] if step is None else step
-    if step not in available:
-        raise ValueError(f"--step {step} has no checkpoint in {workdir}; it has steps {available}")
-    params = checkpoints.restore_params(step, jax.eval_shape(lambda: init_params(model, jax.random.key(0))[0]))
+    step = checkpoints.step_to_restore(step, f"--workdir {workdir}")
+    params = checkpoints.restore_params(step, param_structure(model)[0])
     checkpoints.close()
     return tokenizer, model, params, step
 

@@ -208,9 +208,10 @@ def marker_ids(markers: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict
 
 
 def shard_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer, corpora: Sequence[Corpus], *,
-                  shard_index: int, num_shards: int) -> grain.DatasetIterator:
+                  shard_index: int, num_shards: int, dd_weights: np.ndarray | None = None) -> grain.DatasetIterator:
     """The iterator of data shard `shard_index`'s batches: `train.batch_size / num_shards` rows of `data.seq_len`
-    (with decomposition: `batch_size × seq_len / num_shards` tokens in rows of the step's bucket length)."""
+    (with decomposition: `batch_size × seq_len / num_shards` tokens in rows of the step's bucket length, the buckets
+    drawn by `dd_weights`, default `bucket_weights` of `corpora`)."""
     data = config.data
     parts = components(corpora, data.passkey_fraction, shard_index=shard_index, num_shards=num_shards)
     rows = config.train.batch_size // num_shards
@@ -222,7 +223,7 @@ def shard_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer, corpo
             [(part.documents, part.lengths, part.weight * part.mean_length) for part in parts],
             seq_len=data.seq_len, min_len=dd.min_len, tokens_per_step=rows * data.seq_len, curriculum=dd.curriculum,
             steps=config.train.steps, cycles=dd.cycles, seed=seed,
-            bucket_weights=bucket_weights(corpora, data.passkey_fraction, data))
+            bucket_weights=bucket_weights(corpora, data.passkey_fraction, data) if dd_weights is None else dd_weights)
     stream = document_stream(parts, seed, data.read_threads)
     if data.packing == "untie_knots":
         utk = data.untie_knots
@@ -274,10 +275,14 @@ class ShardedBatches(grain.DatasetIterator):
 def train_batches(config: ml_collections.ConfigDict, tokenizer: Tokenizer, shards: Sequence[int],
                   num_shards: int) -> ShardedBatches:
     """The training batches of data shards `shards` of `num_shards` (see `longctx.parallel.mesh.data_shards`).
-    The sources are opened (and checked) once for all shards."""
+    The sources are opened (and checked) once for all shards, and Dataset Decomposition's bucket weights computed
+    once over all of them."""
     corpora = training_corpora(config, tokenizer)
+    dd_weights = (bucket_weights(corpora, config.data.passkey_fraction, config.data)
+                  if config.data.packing == "decomposition" else None)
     return ShardedBatches(shards, num_shards, [
-        shard_batches(config, tokenizer, corpora, shard_index=shard, num_shards=num_shards) for shard in shards])
+        shard_batches(config, tokenizer, corpora, shard_index=shard, num_shards=num_shards, dd_weights=dd_weights)
+        for shard in shards])
 
 
 def batch_shapes(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
@@ -293,6 +298,6 @@ def eval_documents(data: ml_collections.ConfigDict, split: str, tokenizer: Token
     """Every document of `split` of every source of `data`, framed int32, in source order (evaluation reads these)."""
     documents = []
     for source in open_sources(data, split, tokenizer).values():
-        framed, _ = token_documents(source, tokenizer, need_lengths=not source.tokenized)
-        documents.extend(framed[i] for i in range(len(framed)))
+        texts_or_tokens = [source[i] for i in range(len(source))]
+        documents.extend(texts_or_tokens if source.tokenized else tokenize_documents(texts_or_tokens, tokenizer))
     return documents

@@ -23,7 +23,6 @@ import numbers
 import pathlib
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 import tqdm
@@ -34,7 +33,7 @@ from longctx.data import Tokenizer, load_tokenizer, pipeline
 from longctx.eval import longbench, niah, passkey, ppl, ruler
 from longctx.eval.tasks import Sample
 from longctx.infer.generate import Generator
-from longctx.models import adapt_params, build_model, check_forward, init_params
+from longctx.models import adapt_params, build_model, check_forward, param_structure
 from longctx.train import checkpoint
 
 log = logging.getLogger("longctx.eval")
@@ -189,12 +188,8 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
     if isinstance(num_documents, bool) or not isinstance(num_documents, numbers.Integral) or num_documents < 1:
         raise ValueError(f"--num_documents must be a positive int, got {num_documents!r}")
     checkpoints = checkpoint.Checkpoints(workdir)
-    available = checkpoints.manager.all_steps()
+    step = checkpoints.step_to_restore(step, f"--workdir {workdir}")
     checkpoints.close()
-    if not available:
-        raise FileNotFoundError(f"{workdir} holds no checkpoint to evaluate")
-    if step is not None and step not in available:
-        raise ValueError(f"--step {step} has no checkpoint in {workdir}; it has steps {sorted(available)}")
 
     tokenizer = load_tokenizer(config.data.tokenizer)
     generating = any(task in GENERATION_TASKS for task in options.tasks)
@@ -227,7 +222,7 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
         haystack = (pathlib.Path(options.haystack).read_text() if options.haystack
                     else "\n".join(tokenizer.decode(document) for document in documents("valid")))
     samples = build_samples(options, tokenizer, lengths, haystack)
-    return Evaluation(workdir, config, step or max(available), schemes, lengths, options, tokenizer, windows, unigram,
+    return Evaluation(workdir, config, step, schemes, lengths, options, tokenizer, windows, unigram,
                       samples)
 
 
@@ -292,9 +287,8 @@ def run(evaluation: Evaluation) -> dict[str, Any]:
     config, lengths, options = evaluation.config, evaluation.lengths, evaluation.options
     vocab_size = evaluation.tokenizer.vocab_size
     trained_model = build_model(config.model, vocab_size, config.data.seq_len)
-    abstract = jax.eval_shape(lambda: init_params(trained_model, jax.random.key(0))[0])
     checkpoints = checkpoint.Checkpoints(evaluation.workdir)
-    params = checkpoints.restore_params(evaluation.step, abstract)
+    params = checkpoints.restore_params(evaluation.step, param_structure(trained_model)[0])
     checkpoints.close()
 
     report: dict[str, Any] = {

@@ -170,6 +170,18 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def step_to_restore(self, step: int | None, run: str) -> int:
+        """`step`, or the newest checkpoint's step when None. FileNotFoundError when there is no checkpoint,
+        ValueError when `step` has none; `run` names the run in the message (e.g. "--workdir runs/x")."""
+        available = sorted(self.manager.all_steps())
+        if not available:
+            raise FileNotFoundError(f"{run} holds no checkpoint")
+        if step is None:
+            return available[-1]
+        if step not in available:
+            raise ValueError(f"--step {step} has no checkpoint in {run}; it has steps {available}")
+        return step
+
     def save(self, step: int, params, opt_state, data_iter: grain.DatasetIterator,
              config: ml_collections.ConfigDict) -> None:
         self.manager.save(step, args=ocp.args.Composite(

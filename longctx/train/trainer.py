@@ -185,9 +185,7 @@ def source_params(source_workdir: str, model: Llama) -> dict:
     tokenizer = load_tokenizer(source.data.tokenizer)
     source_model = build_model(source.model, tokenizer.vocab_size, source.data.seq_len)
     checkpoints = checkpoint.Checkpoints(pathlib.Path(source_workdir))
-    step = checkpoints.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"train.init_from: {source_workdir} holds no checkpoint")
+    step = checkpoints.step_to_restore(None, f"train.init_from: {source_workdir}")
     params = checkpoints.restore_params(step, param_structure(source_model)[0])
     checkpoints.close()
     log.info("starting from the params of %s at step %d", source_workdir, step)
