@@ -1,14 +1,20 @@
 """Generation through the KV cache, batched over prompts of different lengths.
 
-A batch of prompts is left-padded to a common width W (segment id 0 on the padding; each prompt's positions run
-0..n-1 on its own tokens), prefilled into a cache of W + max_new_tokens columns — in chunks of `prefill_chunk`
-columns when given, so no chunk builds more than chunk × cache-width scores — and then decoded one token per step for
-all rows at once, in one compiled loop (`jax.lax.while_loop`) that stops when every row has produced a stop token or
-`max_new_tokens` tokens. Each next token is the argmax of the logits (greedy, the default) or sampled with a
-temperature and top-p (`longctx.infer.sampling`), from a key that depends only on the seed and the step.
+A batch of prompts is left-padded to a common width W (row b's prompt in columns W − n_b .. W − 1, its positions
+0..n_b − 1; the cache's `starts` mark the padding), prefilled into a cache of W + max_new_tokens columns — in chunks of
+`prefill_chunk` columns when given — and then decoded one token per step for all rows at once, in one compiled loop
+(`jax.lax.while_loop`) that stops when every row has produced a stop token or `max_new_tokens` tokens. Each next
+token is the argmax of the logits (greedy, the default) or sampled with a temperature and top-p
+(`longctx.infer.sampling`), from a key that depends only on the seed and the step.
+
+The cache (`longctx.infer.kv_cache`) holds keys encoded (`cache="encoded"`: decoding reads them once per step
+through the split-K kernel) or raw (`cache="raw"`: re-encoded at every step, exact for every position scheme);
+"auto" takes encoded keys where the scheme `encodes_keys_once`. `page_size` pages it, with pages only for the
+columns each row uses.
 """
 
 from collections.abc import Sequence
+import logging
 import math
 
 import jax
@@ -19,31 +25,48 @@ from longctx.infer.kv_cache import KVCache
 from longctx.infer.sampling import Sampling, next_tokens
 from longctx.models import Llama
 
+logger = logging.getLogger("longctx.infer")
 WIDTH_GRANULE = 64  # prompt widths round up to a multiple of this (or of the prefill chunk): fewer compilations
+CACHE_KINDS = ("auto", "encoded", "raw")
 
 
-def empty_cache(model: Llama, batch_size: int, max_length: int) -> KVCache:
+def cache_encodes_keys(model: Llama, kind: str) -> bool:
+    """Whether the cache for `model` holds encoded keys, for cache kind "auto", "encoded" or "raw"."""
+    if kind not in CACHE_KINDS:
+        raise ValueError(f"cache must be one of {', '.join(CACHE_KINDS)}, got {kind!r}")
+    scheme = model.position_scheme
+    if kind == "encoded" and not scheme.encodes_keys_once():
+        raise ValueError(f"cache='encoded' needs a position scheme whose keys are encoded once; "
+                         f"{type(scheme).__name__} re-encodes them at every step: use cache='raw' or 'auto'")
+    encoded = kind == "encoded" or (kind == "auto" and scheme.encodes_keys_once())
+    if kind == "auto":
+        logger.info("cache='auto': %s keys for %s", "encoded" if encoded else "raw", type(scheme).__name__)
+    return encoded
+
+
+def empty_cache(model: Llama, batch_size: int, max_length: int, *, starts=None, encoded: bool = False,
+                page_size: int | None = None) -> KVCache:
     cfg = model.config
     return KVCache.empty(num_layers=cfg.num_layers, batch_size=batch_size, max_length=max_length,
-                         num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=cfg.compute_dtype)
+                         num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=cfg.compute_dtype,
+                         starts=starts, encoded=encoded, page_size=page_size)
 
 
 def left_padded(prompts: Sequence[np.ndarray], width: int, pad_id: int) -> dict[str, np.ndarray]:
-    """tokens, positions, segment_ids [len(prompts), width] int32: each prompt right-aligned, positions 0..n-1 on its
-    tokens, segment id 1 on its tokens and 0 on the padding before them."""
-    batch = {key: np.zeros((len(prompts), width), np.int32) for key in ("tokens", "positions", "segment_ids")}
+    """tokens, positions [len(prompts), width] int32 and starts [len(prompts)]: each prompt right-aligned from
+    column `starts[b]`, positions 0..n-1 on its tokens (0 on the padding before them)."""
+    batch = {key: np.zeros((len(prompts), width), np.int32) for key in ("tokens", "positions")}
     batch["tokens"][:] = pad_id
+    batch["starts"] = np.asarray([width - len(prompt) for prompt in prompts], np.int32)
     for row, prompt in enumerate(prompts):
         n = len(prompt)
         batch["tokens"][row, width - n:] = prompt
         batch["positions"][row, width - n:] = np.arange(n)
-        batch["segment_ids"][row, width - n:] = 1
     return batch
 
 
-def _prefill(model, params, cache, tokens, positions, segment_ids):
-    logits, cache = model.apply({"params": params}, tokens, positions, segment_ids, cache=cache,
-                                last_logits_only=True)
+def _prefill(model, params, cache, tokens, positions):
+    logits, cache = model.apply({"params": params}, tokens, positions, cache=cache, last_logits_only=True)
     return logits[:, -1], cache
 
 
@@ -64,7 +87,7 @@ def _decode(model, params, cache, logits, next_positions, rng, stop_ids, max_new
         out = out.at[:, step].set(token)
         done = done | jnp.isin(token, stops)
         logits, cache = model.apply({"params": params}, jnp.maximum(token, 0)[:, None], positions[:, None],
-                                    jnp.ones((batch, 1), jnp.int32), cache=cache)
+                                    cache=cache)
         return step + 1, cache, logits[:, -1], positions + 1, out, done
 
     out = jnp.full((batch, max_new_tokens), -1, jnp.int32)
@@ -76,13 +99,18 @@ class Generator:
     """Generation for one model and its params, compiled once per (batch size, prompt width, new tokens).
 
     `sampling` (default greedy) picks each token; `seed` seeds the sampling of every `generate` call alike.
+    `cache` ("auto", "encoded", "raw") and `page_size` choose the KV cache (module docstring).
     """
 
     def __init__(self, model: Llama, params, *, pad_id: int, prefill_chunk: int | None = None,
-                 max_length: int | None = None, sampling: Sampling = Sampling(), seed: int = 0):
+                 max_length: int | None = None, sampling: Sampling = Sampling(), seed: int = 0, cache: str = "auto",
+                 page_size: int | None = None):
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
+        if page_size is not None and (isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1):
+            raise ValueError(f"page_size must be a positive int or None, got {page_size!r}")
         self.model, self.params, self.pad_id = model, params, pad_id
+        self.encoded, self.page_size = cache_encodes_keys(model, cache), page_size
         self.prefill_chunk, self.max_length = prefill_chunk, max_length
         self.sampling, self.rng = sampling, jax.random.key(seed)
         self._prefill = jax.jit(_prefill, static_argnums=0, donate_argnums=2)
@@ -105,11 +133,11 @@ class Generator:
         chunk = self.prefill_chunk or math.ceil(longest / WIDTH_GRANULE) * WIDTH_GRANULE
         width = math.ceil(longest / chunk) * chunk
         batch = left_padded(prompts, width, self.pad_id)
-        cache = empty_cache(self.model, len(prompts), width + max_new_tokens)
+        cache = self.empty_cache(batch["starts"], width + max_new_tokens)
         for start in range(0, width, chunk):
-            piece = {key: jnp.asarray(value[:, start:start + chunk]) for key, value in batch.items()}
-            logits, cache = self._prefill(self.model, self.params, cache, piece["tokens"], piece["positions"],
-                                          piece["segment_ids"])
+            columns = slice(start, start + chunk)
+            logits, cache = self._prefill(self.model, self.params, cache, jnp.asarray(batch["tokens"][:, columns]),
+                                          jnp.asarray(batch["positions"][:, columns]))
         next_positions = jnp.asarray([len(p) for p in prompts], jnp.int32)
         stops = tuple(int(s) for s in stop_ids) or (-2,)
         out = np.asarray(self._decode(self.model, self.params, cache, logits, next_positions, self.rng, stops,
@@ -121,6 +149,13 @@ class Generator:
             results.append(row[: stop_at[0] + 1] if len(stop_at) else row)
         return results
 
+    def empty_cache(self, starts: np.ndarray, max_length: int) -> KVCache:
+        """The cache of a batch whose rows start at `starts`, with room for `max_length` columns (a multiple of
+        the page size when paged)."""
+        if self.page_size is not None:
+            max_length = math.ceil(max_length / self.page_size) * self.page_size
+        return empty_cache(self.model, len(starts), max_length, starts=starts, encoded=self.encoded,
+                           page_size=self.page_size)
 
     def generate_batched(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int, batch_size: int,
                          stop_ids: Sequence[int] = ()) -> list[np.ndarray]:
@@ -142,8 +177,9 @@ class Generator:
 
 
 def greedy(model: Llama, params, prompts: Sequence[np.ndarray], *, max_new_tokens: int, pad_id: int,
-           stop_ids: Sequence[int] = (), batch_size: int = 8, prefill_chunk: int | None = None) -> list[np.ndarray]:
+           stop_ids: Sequence[int] = (), batch_size: int = 8, prefill_chunk: int | None = None, cache: str = "auto",
+           page_size: int | None = None) -> list[np.ndarray]:
     """Greedy continuations of `prompts` (`Generator.generate_batched` for one model and its params)."""
-    generator = Generator(model, params, pad_id=pad_id, prefill_chunk=prefill_chunk)
+    generator = Generator(model, params, pad_id=pad_id, prefill_chunk=prefill_chunk, cache=cache, page_size=page_size)
     return generator.generate_batched(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                       stop_ids=stop_ids)

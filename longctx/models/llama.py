@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from longctx.attention import attention, masks
+from longctx.infer import cached_attention
 from longctx.infer.kv_cache import CacheView, KVCache
 from longctx.parallel import context
 from longctx.positions import PositionEncoding, PositionScheme
@@ -121,10 +122,11 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, encoding: PositionEncoding, segment_ids: jax.Array | None,
-                 view: CacheView | None = None, layer_kv: tuple[jax.Array, jax.Array] | None = None):
-        """Without a cache: [B, T, E]. With `view` and this layer's cached (keys, values) [B, S, Hkv, D]: the new
-        tokens' keys and values are written at columns view.offset.., the queries attend to every cached column, and
-        the result is (out, (keys, values))."""
+                 view: CacheView | None = None, kv: tuple[jax.Array, jax.Array] | None = None,
+                 layer: jax.Array | int = 0):
+        """Without a cache: [B, T, E]. With `view` and every layer's cached (keys, values) `kv`
+        (`longctx.infer.KVCache` layout): this layer's (`layer`) new keys and values are written at columns
+        view.offset.., the queries attend to every cached column of their row, and the result is (out, kv)."""
         cfg = self.config
         dense = functools.partial(nn.DenseGeneral, use_bias=False, dtype=cfg.compute_dtype, param_dtype=jnp.float32)
 
@@ -140,25 +142,31 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "q_heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
-        cached = {}
-        if layer_kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(layer_kv[0], k.astype(layer_kv[0].dtype), view.offset, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(layer_kv[1], v.astype(layer_kv[1].dtype), view.offset, axis=1)
-            cached = {"q_offset": view.offset, "kv_segment_ids": view.segment_ids}
+        if kv is not None and view.encoded:
+            q, k = encoding.encode(q, k)
+            kv = tuple(view.write(cache, layer, new) for cache, new in zip(kv, (k, v)))
+            out = cached_attention.encoded(q, k, v, *kv, view, layer, mask=cfg.mask, segment_ids=segment_ids,
+                                           impl=cfg.attention_impl)
+        else:
+            cached = {}
+            if kv is not None:
+                kv = tuple(view.write(cache, layer, new) for cache, new in zip(kv, (k, v)))
+                k, v = (view.contiguous(cache, layer) for cache in kv)
+                cached = {"q_offset": view.offset, "kv_segment_ids": view.segment_ids()}
 
-        def attend_fn(q, k, v, *, within: masks.Mask | None = None, **overrides):
-            mask = cfg.mask if within is None else cfg.mask & within
-            if cfg.context_parallel != "none" and _splits_sequence():
-                return context.attention(q, k, v, strategy=cfg.context_parallel, layout=cfg.sequence_layout,
-                                         mask=mask, segment_ids=segment_ids, impl=cfg.attention_impl, **overrides)
-            return attention(q, k, v, mask=mask, segment_ids=segment_ids, impl=cfg.attention_impl, **cached,
-                             **overrides)
+            def attend_fn(q, k, v, *, within: masks.Mask | None = None, **overrides):
+                mask = cfg.mask if within is None else cfg.mask & within
+                if cfg.context_parallel != "none" and _splits_sequence():
+                    return context.attention(q, k, v, strategy=cfg.context_parallel, layout=cfg.sequence_layout,
+                                             mask=mask, segment_ids=segment_ids, impl=cfg.attention_impl, **overrides)
+                return attention(q, k, v, mask=mask, segment_ids=segment_ids, impl=cfg.attention_impl, **cached,
+                                 **overrides)
 
-        out = encoding.attend(q, k, v, attend_fn)
+            out = encoding.attend(q, k, v, attend_fn)
         out = nn.with_logical_constraint(out, ("batch", "length", "q_heads", "head_dim"))
         out = dense(cfg.hidden_size, axis=(-2, -1), kernel_init=_dense_init(cfg, ("q_heads", "head_dim", "embed")),
                     name="o_proj")(out)
-        return out if layer_kv is None else (out, (k, v))
+        return out if kv is None else (out, kv)
 
 
 class SwiGLU(nn.Module):
@@ -177,24 +185,25 @@ class SwiGLU(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)). With a KV cache (`view` and this layer's
-    `layer_kv`) it also returns the layer's updated (keys, values); under `nn.scan` the second output is always
-    there (None without a cache)."""
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)). It takes and returns the carry (x, kv) of a
+    scan over layers, kv being every layer's cached (keys, values) or None, and the layer's index (scanned): under
+    `nn.scan` the cache travels in the carry, so each layer writes its new columns into it in place."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, encoding: PositionEncoding, segment_ids: jax.Array | None,
-                 view: CacheView | None = None, layer_kv: tuple[jax.Array, jax.Array] | None = None):
+    def __call__(self, carry: tuple[jax.Array, tuple[jax.Array, jax.Array] | None], encoding: PositionEncoding,
+                 segment_ids: jax.Array | None, view: CacheView | None, layer: jax.Array | int):
         cfg = self.config
+        x, kv = carry
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype)
-        attended = Attention(cfg, name="attn")(norm(name="attn_norm")(x), encoding, segment_ids, view, layer_kv)
-        if layer_kv is not None:
-            attended, layer_kv = attended
+        attended = Attention(cfg, name="attn")(norm(name="attn_norm")(x), encoding, segment_ids, view, kv, layer)
+        if kv is not None:
+            attended, kv = attended
         h = x + attended
         out = h + SwiGLU(cfg, name="mlp")(norm(name="mlp_norm")(h))
         out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
-        return (out, layer_kv) if cfg.scan_layers or layer_kv is not None else out
+        return (out, kv), None
 
 
 class Llama(nn.Module):
@@ -204,13 +213,15 @@ class Llama(nn.Module):
     documents and are None for unpacked input. `train` is True in training steps (a scheme may sample then, from the
     "positions" rng: CLEX).
 
-    With `cache` (a `longctx.infer.KVCache`) the tokens are the next T columns of the cached sequences: their keys and
-    values are written into the cache, they attend to every cached column (query row t sits at column
-    cache.length + t, so masks and ALiBi count distance in columns), the position scheme sees the query positions and
-    all cached positions (dynamic NTK and CLEX follow the grown length; LM-Infinite and Self-Extend apply their
-    rules to cached keys), and the result is (logits, updated cache). Cached keys are stored before rotation, so
-    every scheme decodes exactly as the full-sequence forward computes. `last_logits_only` returns logits of the
-    last column only ([B, 1, vocab]), which is all that a prefill needs.
+    With `cache` (a `longctx.infer.KVCache`) the tokens are the next T columns of the cached sequences (segment_ids
+    must be None: a row's padding is the columns before its start): their keys and values are written into the
+    cache, they attend to every cached column of their row (query row t sits at column cache.length + t, so masks
+    and ALiBi count distance in columns), and the result is (logits, updated cache). A cache of raw keys gives the
+    position scheme the query positions and all cached positions (dynamic NTK and CLEX follow the grown length;
+    LM-Infinite and Self-Extend apply their rules to cached keys), so every scheme decodes exactly as the
+    full-sequence forward computes; a cache of encoded keys (schemes that `encodes_keys_once`) is attended by the
+    decoding kernel (`longctx.infer.cached_attention`). `last_logits_only` returns logits of the last column only
+    ([B, 1, vocab]), which is all that a prefill needs.
     """
 
     config: LlamaConfig
@@ -230,19 +241,25 @@ class Llama(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=jnp.float32,
                          embedding_init=_dense_init(cfg, ("vocab", "embed")), name="embed")
         x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
-        view, layer_kvs = None, None
+        view, kv = None, None
         if cache is None:
             encoding = self.position_scheme(positions, train=train)
         else:
             if train:
                 raise ValueError("a KV cache is for inference; train must be False")
-            if segment_ids is None:
-                segment_ids = jnp.ones_like(tokens)
-            offset = cache.length
-            cache = cache.with_tokens(positions, segment_ids)
-            view = CacheView(offset=offset, segment_ids=cache.segment_ids)
-            encoding = self.position_scheme(positions, cache.positions)
-            layer_kvs = (cache.keys, cache.values)
+            if segment_ids is not None:
+                raise ValueError("with a KV cache, padding is the cache's `starts` (KVCache.empty(starts=...)); "
+                                 "segment_ids must be None")
+            if cache.encoded and not self.position_scheme.encodes_keys_once():
+                raise ValueError(f"position scheme {type(self.position_scheme).__name__} re-encodes cached keys at "
+                                 f"every step (its tables follow the length, or it attends in its own way); it "
+                                 f"needs a cache of raw keys (KVCache encoded=False)")
+            view = cache.view(tokens.shape[1])
+            segment_ids = view.new_segment_ids(tokens.shape[1])
+            cache = cache.with_tokens(positions)
+            encoding = self.position_scheme(positions) if cache.encoded else self.position_scheme(positions,
+                                                                                                  cache.positions)
+            kv = (cache.keys, cache.values)
 
         layer = DecoderLayer
         if cfg.remat != "none":
@@ -251,17 +268,11 @@ class Llama(nn.Module):
             layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})
-            x, layer_kvs = layers(cfg, name="layers")(x, encoding, segment_ids, view, layer_kvs)
+            (x, kv), _ = layers(cfg, name="layers")((x, kv), encoding, segment_ids, view,
+                                                    jnp.arange(cfg.num_layers, dtype=jnp.int32))
         else:
-            updated = []
             for i in range(cfg.num_layers):
-                layer_kv = None if cache is None else (cache.keys[i], cache.values[i])
-                x = layer(cfg, name=f"layers_{i}")(x, encoding, segment_ids, view, layer_kv)
-                if cache is not None:
-                    x, layer_kv = x
-                    updated.append(layer_kv)
-            if cache is not None:
-                layer_kvs = tuple(jnp.stack(parts) for parts in zip(*updated))
+                (x, kv), _ = layer(cfg, name=f"layers_{i}")((x, kv), encoding, segment_ids, view, i)
 
         if last_logits_only:
             x = x[:, -1:]
@@ -274,7 +285,7 @@ class Llama(nn.Module):
         logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
         if cache is None:
             return logits
-        return logits, cache.replace(keys=layer_kvs[0], values=layer_kvs[1])
+        return logits, cache.replace(keys=kv[0], values=kv[1])
 
 
 def _initialising(model: Llama) -> Llama:

@@ -37,6 +37,11 @@ class PositionEncoding(struct.PyTreeNode):
         """q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] → [B, T, Hq, D]."""
         return attend_fn(q, k, v)
 
+    def encode(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """q, k [B, T, H, D] at the query positions, encoded for plain softmax attention (for schemes whose
+        `encodes_keys_once`): here untouched."""
+        return q, k
+
 
 class PositionScheme(nn.Module):
     """Base class of every registered scheme. Fields are the scheme's parameters; `head_dim` is set by the model."""
@@ -45,6 +50,13 @@ class PositionScheme(nn.Module):
 
     def check_mask(self, mask: masks.Mask) -> None:
         """Raises ValueError if this scheme cannot run under the layers' mask (`model.attention.mask`)."""
+
+    def encodes_keys_once(self) -> bool:
+        """Whether a key's encoding depends on its own position alone and attention is the plain softmax of encoded
+        queries and keys (`PositionEncoding.encode`), so that a KV cache may hold keys encoded once, as written, and
+        a decoding kernel may attend over them. False (the default) for schemes whose tables follow the length or
+        that attend in their own way: their caches hold raw keys, re-encoded at every step."""
+        return False
 
     def max_length(self) -> int | None:
         """The longest sequence this scheme is defined for (None: any length)."""

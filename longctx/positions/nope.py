@@ -14,6 +14,9 @@ from longctx.positions.registry import register
 class NoPE(PositionScheme):
     """No position information: every layer attends with the plain `PositionEncoding`."""
 
+    def encodes_keys_once(self) -> bool:
+        return True
+
     def __call__(self, positions: jax.Array, kv_positions: jax.Array | None = None, *,
                  train: bool = False) -> PositionEncoding:
         return PositionEncoding()

@@ -56,6 +56,10 @@ class RotaryEncoding(PositionEncoding):
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, attend_fn: AttendFn) -> jax.Array:
         return attend_fn(*self.rotate(q, k), v)
 
+    def encode(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Both rotated by the query tables: k holds the keys of the query tokens."""
+        return apply_rotary(q, self.q_cos, self.q_sin), apply_rotary(k, self.q_cos, self.q_sin)
+
 
 def check_positive(name: str, value, *, at_least: float | None = None, integer: bool = False) -> None:
     """Raises ValueError naming `positions.<name>` unless value is a positive number (an int if `integer`), and at
@@ -110,6 +114,11 @@ class RoPE(PositionScheme):
     def traced_inv_freq(self, seq_len: jax.Array) -> jax.Array:
         """`inv_freq` for a traced int32 `seq_len`; schemes whose tables follow the length override it."""
         return jnp.asarray(self.inv_freq())
+
+    def encodes_keys_once(self) -> bool:
+        """Fixed tables and plain rotary attention: not for tables that follow the length, nor for subclasses that
+        build their own encoding (CLEX, LM-Infinite, Self-Extend, softplus, entropy-aware ABF)."""
+        return not self.length_dependent and type(self).__call__ is RoPE.__call__
 
     def attention_factor(self, seq_len: int | None = None) -> float:
         """Multiplier of cos and sin, so of the logits squared (1 for plain RoPE)."""

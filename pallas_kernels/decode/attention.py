@@ -10,14 +10,16 @@ small combine merges them:
 Grid (batch, kv head, split): one program reads a key block once for all G = Hq / Hkv query heads of its group (and
 all T new tokens), a [T·G, D] × [D, block_k] product, so grouped-query attention costs the memory traffic of Hkv heads.
 
-Which keys count. Sequence b holds L = lengths[b] valid tokens (the T new ones last, at L−T..L−1); query t sits at
-position i = L − T + t and may see key j iff
+Which keys count. Sequence b holds its valid tokens in columns s = starts[b] .. L−1, L = lengths[b] (a left-padded
+cache: columns before s are padding; starts default to 0), the T new ones last, at L−T..L−1; query t sits at column
+i = L − T + t and may see key column j iff
 
-    j <= i   and   (window is None  or  i − j < window  or  j < sinks)
+    s <= j <= i   and   (window is None  or  i − j < window  or  j − s < sinks)
 
-(StreamingLLM's attention sinks, Xiao et al. 2023; LM-Infinite's Λ-shaped mask, Han et al. 2023). Keys at L and
-beyond are never used and may hold anything, NaN included; key blocks no query may see (past L, or between the sinks
-and the window) are never loaded: each sequence's visited blocks (`visit_plan`) are divided evenly among the splits.
+(StreamingLLM's attention sinks, Xiao et al. 2023, the first `sinks` valid keys; LM-Infinite's Λ-shaped mask, Han et
+al. 2023). Keys before s and at L and beyond are never used and may hold anything, NaN included; key blocks no query
+may see (wholly before s, past L, or between the sinks and the window) are never loaded: each sequence's visited
+blocks (`visit_plan`) are divided evenly among the splits.
 
 Caches, BTHD like the rest of pallas_kernels:
     contiguous: k_cache, v_cache [B, S, Hkv, D]
@@ -45,7 +47,7 @@ MAX_NEW_TOKENS = 16  # T of q [B, T, Hq, D]: speculative / multi-token decoding,
 
 # What each backend module provides: default_block_k(problem) (None: no block fits the pages, block_k_rule says
 # why), default_num_splits(problem), unsupported_reason(problem) -> str | None, and decode(problem, q [B, T, Hq, D],
-# k_cache, v_cache, lengths, block_tables) -> [B, T, Hq, D]; the kernels' decode is `split_k_decode`.
+# k_cache, v_cache, lengths, starts, block_tables) -> [B, T, Hq, D]; the kernels' decode is `split_k_decode`.
 BACKEND_MODULES = {
     "triton": "pallas_kernels.decode.triton",
     "tpu": "pallas_kernels.decode.tpu",
@@ -70,6 +72,7 @@ class DecodeProblem:
     paged: bool
     sinks: int
     window: int | None
+    left_padded: bool  # starts given: the sinks may begin inside a key block
     scale: float
     block_k: int
     num_splits: int
@@ -95,7 +98,9 @@ class DecodeProblem:
         blocks = self.capacity // self.block_k
         if self.window is None:
             return blocks
-        return min(blocks, -(-self.sinks // self.block_k) + -(-(self.window + self.num_new - 1) // self.block_k) + 1)
+        offset = self.block_k - 1 if self.left_padded and self.sinks else 0  # sinks from a start inside a block
+        sink_blocks = -(-(self.sinks + offset) // self.block_k)
+        return min(blocks, sink_blocks + -(-(self.window + self.num_new - 1) // self.block_k) + 1)
 
 
 def backend_module(name: str):
@@ -118,7 +123,7 @@ def _shape(x) -> tuple[int, ...]:
     return tuple(np.shape(x))
 
 
-def _check(q, k_cache, v_cache, lengths, block_tables, sinks, window, scale, num_splits, block_k):
+def _check(q, k_cache, v_cache, lengths, starts, block_tables, sinks, window, scale, num_splits, block_k):
     """ValueError naming the field for every malformed argument, before any work."""
     if np.ndim(q) not in (3, 4):
         raise ValueError(f"q must be [B, Hq, D] (one new token per sequence) or [B, T, Hq, D], got shape {_shape(q)}")
@@ -146,6 +151,9 @@ def _check(q, k_cache, v_cache, lengths, block_tables, sinks, window, scale, num
     if _shape(lengths) != (B,) or getattr(lengths, "dtype", None) != jnp.int32:
         raise ValueError(f"lengths must be int32 [B={B}] (valid cached tokens per sequence), got "
                          f"{getattr(lengths, 'dtype', type(lengths).__name__)} {_shape(lengths)}")
+    if starts is not None and (_shape(starts) != (B,) or getattr(starts, "dtype", None) != jnp.int32):
+        raise ValueError(f"starts must be None or int32 [B={B}] (the first valid cache column of each left-padded "
+                         f"sequence), got {getattr(starts, 'dtype', type(starts).__name__)} {_shape(starts)}")
     if block_tables is not None and (np.ndim(block_tables) != 2 or block_tables.shape[0] != B
                                      or block_tables.shape[1] < 1 or getattr(block_tables, "dtype", None) != jnp.int32):
         raise ValueError(f"block_tables must be int32 [B={B}, max_pages] (the physical page of each logical page), "
@@ -164,9 +172,9 @@ def _check(q, k_cache, v_cache, lengths, block_tables, sinks, window, scale, num
             raise ValueError(f"{name} must be None (the backend's default) or an int >= 1, got {value!r}")
 
 
-def plan(q_shape, cache_shape, dtype, *, block_tables_shape=None, sinks: int = 0, window: int | None = None,
-         scale: float | None = None, num_splits: int | None = None, block_k: int | None = None,
-         backend: str = "auto", interpret: bool = False):
+def plan(q_shape, cache_shape, dtype, *, block_tables_shape=None, left_padded: bool = False, sinks: int = 0,
+         window: int | None = None, scale: float | None = None, num_splits: int | None = None,
+         block_k: int | None = None, backend: str = "auto", interpret: bool = False):
     """The static DecodeProblem of a call and the backend module that runs it. Raises ValueError for a block_k that
     does not fit the pages, NotImplementedError (naming the combination) for what the backend cannot do."""
     if backend == "auto":
@@ -179,8 +187,8 @@ def plan(q_shape, cache_shape, dtype, *, block_tables_shape=None, sinks: int = 0
         batch=B, num_new=q_shape[1] if len(q_shape) == 4 else 1, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D,
         dtype=jnp.dtype(dtype).name, num_pages=num_pages, page_size=page_size,
         max_pages=block_tables_shape[1] if paged else 1, paged=paged, sinks=int(sinks),
-        window=None if window is None else int(window), scale=float(D ** -0.5 if scale is None else scale),
-        block_k=0, num_splits=0, interpret=interpret)
+        window=None if window is None else int(window), left_padded=bool(left_padded),
+        scale=float(D ** -0.5 if scale is None else scale), block_k=0, num_splits=0, interpret=interpret)
     what = "page_size" if paged else "the cache length S"
     if block_k is None:
         block_k = implementation.default_block_k(problem)
@@ -211,26 +219,33 @@ def largest_block(page_size: int, largest: int, smallest: int, *, power_of_two: 
     return next((b for b in candidates if smallest <= b <= largest and page_size % b == 0), None)
 
 
-def visit_plan(problem: DecodeProblem, lengths: jax.Array) -> dict[str, jax.Array]:
-    """int32 [B] arrays: `lengths` clipped to [0, capacity]; `count`, the key blocks sequence b visits; and how the
-    visit index n maps to a key block (`visited_block`): blocks 0..sink_blocks−1 (those holding sinks), then
-    window_first, window_first+1, .. up to the block holding key L−1. Without a window every block below L."""
+def visit_plan(problem: DecodeProblem, lengths: jax.Array, starts: jax.Array) -> dict[str, jax.Array]:
+    """int32 [B] arrays: `length`, lengths clipped to [0, capacity]; `start`, starts clipped to [0, length]; `count`,
+    the key blocks sequence b visits (0 when start = length: no keys); and how the visit index n maps to a key block
+    (`visited_block`): sink_first = start // block_k .. sink_first + sink_blocks − 1 (those holding the sinks, columns
+    start .. start + sinks − 1, below window_first), then window_first, window_first + 1, .. up to the block holding
+    key L−1, window_first holding column max(L − T − window + 1, start). Without a window every block from the start's
+    to L−1's."""
     bk, T = problem.block_k, problem.num_new
     length = jnp.clip(lengths, 0, problem.capacity)
+    start = jnp.clip(starts, 0, length)
+    sink_first = start // bk
     num_blocks = (length + bk - 1) // bk
     if problem.window is None:
-        zeros = jnp.zeros_like(length)
-        return {"length": length, "count": num_blocks, "sink_blocks": zeros, "window_first": zeros}
-    lowest = jnp.maximum(length - T - problem.window + 1, 0)  # the first key query 0's window reaches
-    window_first = lowest // bk
-    sink_blocks = jnp.minimum((jnp.minimum(length, problem.sinks) + bk - 1) // bk, window_first)
-    count = sink_blocks + jnp.maximum(num_blocks - window_first, 0)
-    return {"length": length, "count": count, "sink_blocks": sink_blocks, "window_first": window_first}
+        window_first, sink_blocks = sink_first, jnp.zeros_like(length)
+    else:
+        window_first = jnp.maximum(length - T - problem.window + 1, start) // bk
+        sinks_end = jnp.minimum(start + problem.sinks, length)
+        sink_end_block = jnp.minimum((sinks_end + bk - 1) // bk, window_first)
+        sink_blocks = jnp.where(sinks_end > start, sink_end_block - sink_first, 0)
+    count = sink_blocks + jnp.where(start < length, num_blocks - window_first, 0)
+    return {"length": length, "start": start, "count": count, "sink_first": sink_first, "sink_blocks": sink_blocks,
+            "window_first": window_first}
 
 
-def visited_block(n, sink_blocks, window_first):
+def visited_block(n, sink_first, sink_blocks, window_first):
     """The key block of visit n (scalars; usable in kernels and index maps)."""
-    return jnp.where(n < sink_blocks, n, window_first + n - sink_blocks)
+    return jnp.where(n < sink_blocks, sink_first + n, window_first + n - sink_blocks)
 
 
 def split_range(count, split, num_splits: int):
@@ -248,12 +263,13 @@ def query_positions(problem: DecodeProblem, length, row_ids):
     return length - problem.num_new + token
 
 
-def allowed(problem: DecodeProblem, query_pos, key_pos):
-    """Which keys each query may see, from broadcastable int32 positions (the module docstring's rule)."""
-    seen = key_pos <= query_pos
+def allowed(problem: DecodeProblem, query_pos, key_pos, start):
+    """Which keys each query may see, from broadcastable int32 columns and the sequence's start (the module
+    docstring's rule)."""
+    seen = (key_pos >= start) & (key_pos <= query_pos)
     if problem.window is not None:
         near = query_pos - key_pos < problem.window
-        seen = seen & ((near | (key_pos < problem.sinks)) if problem.sinks else near)
+        seen = seen & ((near | (key_pos - start < problem.sinks)) if problem.sinks else near)
     return seen
 
 
@@ -284,34 +300,39 @@ def combine(out, lse):
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
-                     block_tables: jax.Array | None = None, sinks: int = 0, window: int | None = None,
-                     scale: float | None = None, num_splits: int | None = None, block_k: int | None = None,
-                     backend: str = "auto", interpret: bool = False) -> jax.Array:
+                     starts: jax.Array | None = None, block_tables: jax.Array | None = None, sinks: int = 0,
+                     window: int | None = None, scale: float | None = None, num_splits: int | None = None,
+                     block_k: int | None = None, backend: str = "auto", interpret: bool = False) -> jax.Array:
     """Attention of the new token(s) of each sequence over its KV cache (module docstring: masks, caches, backends).
 
     q: [B, Hq, D], or [B, T, Hq, D] with T <= 16 new tokens (causal among themselves). k_cache, v_cache:
     [B, S, Hkv, D], or [num_pages, page_size, Hkv, D] with block_tables int32 [B, max_pages]. lengths: int32 [B],
-    the valid tokens of each sequence, new ones included (values are clipped to [0, S] or [0, max_pages·page_size]).
-    window: only the last `window` keys of each query count; sinks: the first `sinks` keys count too (needs window).
-    scale defaults to 1/sqrt(D). num_splits, block_k: split-K chunks per sequence and key block size (None: the
-    backend's defaults). Returns [B, Hq, D] (or [B, T, Hq, D]) in q's dtype, 0 for a query with no key (lengths 0).
+    the end of each sequence's valid tokens, new ones included (values are clipped to [0, S] or
+    [0, max_pages·page_size]). starts: None (0) or int32 [B], the first valid column of each sequence in a left-padded
+    cache (values are clipped to [0, length]; columns before it are padding, never read). window: only the last
+    `window` keys of each query count; sinks: the first `sinks` valid keys count too (needs window). scale defaults to
+    1/sqrt(D). num_splits, block_k: split-K chunks per sequence and key block size (None: the backend's defaults).
+    Returns [B, Hq, D] (or [B, T, Hq, D]) in q's dtype, 0 for a query with no key (lengths 0, or starts past it).
     """
-    _check(q, k_cache, v_cache, lengths, block_tables, sinks, window, scale, num_splits, block_k)
+    _check(q, k_cache, v_cache, lengths, starts, block_tables, sinks, window, scale, num_splits, block_k)
     problem, implementation = plan(
         q.shape, k_cache.shape, q.dtype, block_tables_shape=None if block_tables is None else block_tables.shape,
-        sinks=sinks, window=window, scale=scale, num_splits=num_splits, block_k=block_k, backend=backend,
-        interpret=interpret)
+        left_padded=starts is not None, sinks=sinks, window=window, scale=scale, num_splits=num_splits,
+        block_k=block_k, backend=backend, interpret=interpret)
     tokens = q if q.ndim == 4 else q[:, None]
+    if starts is None:
+        starts = jnp.zeros_like(lengths)
     if block_tables is None:  # a page per sequence
         block_tables = jnp.arange(problem.batch, dtype=jnp.int32)[:, None]
-    out = implementation.decode(problem, tokens, k_cache, v_cache, lengths, block_tables)
+    out = implementation.decode(problem, tokens, k_cache, v_cache, lengths, starts, block_tables)
     return out if q.ndim == 4 else out[:, 0]
 
 
-def split_k_decode(problem: DecodeProblem, tokens, k_cache, v_cache, lengths, block_tables, *, partials, rows: int):
+def split_k_decode(problem: DecodeProblem, tokens, k_cache, v_cache, lengths, starts, block_tables, *, partials,
+                   rows: int):
     """What a kernel backend's `decode` does: group the queries by kv head into `rows` rows, run
     partials(problem, q [B, Hkv, rows, D], k_cache, v_cache, block_tables, visit_plan) → (out [B, Hkv, splits, rows,
     D], lse [B, Hkv, splits, rows]) float32, combine the splits and restore [B, T, Hq, D] in the input dtype."""
     partial_out, lse = partials(problem, _grouped_queries(problem, tokens, rows), k_cache, v_cache, block_tables,
-                                visit_plan(problem, lengths))
+                                visit_plan(problem, lengths, starts))
     return _ungrouped(problem, combine(partial_out, lse)).astype(tokens.dtype)

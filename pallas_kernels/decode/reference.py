@@ -1,7 +1,7 @@
 """The oracle of decode_attention: the cache gathered into [B, capacity, Hkv, D], a dense float32 softmax over the keys
-each query may see (`attention.allowed`), at highest precision. Keys no query sees (past the length, between the
-sinks and the window) are replaced by zeros before use, so what they hold (NaN) cannot reach the output; a query with
-no key gives 0.
+each query may see (`attention.allowed`), at highest precision. Keys no query sees (before the start, past the
+length, between the sinks and the window) are replaced by zeros before use, so what they hold (NaN) cannot reach the
+output; a query with no key gives 0.
 
 Backend "reference" of decode_attention: one dense softmax, so it takes neither num_splits nor block_k.
 """
@@ -38,14 +38,16 @@ def gather_pages(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
     return pages.reshape(B, max_pages * page_size, *cache.shape[2:])
 
 
-def decode(problem: attention.DecodeProblem, q, k_cache, v_cache, lengths, block_tables):
+def decode(problem: attention.DecodeProblem, q, k_cache, v_cache, lengths, starts, block_tables):
     """q [B, T, Hq, D] → [B, T, Hq, D] in q's dtype."""
     B, T, Hq, D = q.shape
     k, v = gather_pages(k_cache, block_tables), gather_pages(v_cache, block_tables)
-    length = jnp.clip(lengths, 0, problem.capacity)[:, None, None, None]  # [B, 1, 1, 1]
+    length = jnp.clip(lengths, 0, problem.capacity)
+    start = jnp.clip(starts, 0, length)[:, None, None, None]  # [B, 1, 1, 1]
+    length = length[:, None, None, None]
     key_pos = jnp.arange(problem.capacity, dtype=jnp.int32)[None, None, None, :]  # [1, 1, 1, S]
     query_pos = length - T + jnp.arange(T, dtype=jnp.int32)[None, None, :, None]  # [B, 1, T, 1]
-    seen = attention.allowed(problem, query_pos, key_pos) & (key_pos < length)  # [B, 1, T, S]
+    seen = attention.allowed(problem, query_pos, key_pos, start) & (key_pos < length)  # [B, 1, T, S]
     used = jnp.any(seen, axis=2)[:, 0, :, None, None]  # [B, S, 1, 1]: keys some query sees
     k = jnp.where(used, k.astype(jnp.float32), 0.0)
     v = jnp.where(used, v.astype(jnp.float32), 0.0)

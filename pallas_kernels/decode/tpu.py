@@ -9,8 +9,8 @@ normalised output and lse, and `attention.combine` merges the splits.
 
 The cache is read in place: [pages, page_size, Hkv, D] viewed as [pages, page_size, Hkv·D] (a free reshape), a K
 block being (block_k, D) at column block h, so D must fill whole 128-lane tiles (D % 128 == 0). One program serves the
-G query heads (and T tokens) of kv head h as a [rows, D] × [D, block_k] product. V rows at or past the length are
-zeroed on the block holding it, so what lies there (NaN) never reaches the output.
+G query heads (and T tokens) of kv head h as a [rows, D] × [D, block_k] product. V rows before the start and at or
+past the length are zeroed on the blocks holding them, so what lies there (NaN) never reaches the output.
 
 After jax.experimental.pallas.ops.tpu.paged_attention (block tables in SMEM, page looked up by the index map).
 """
@@ -29,7 +29,7 @@ HEAD_DIMS = (128, 256)
 LANES = 128
 LARGEST_BLOCK_K = 512  # a grid step costs ~0.35 us: 512 keys × D 128 × K and V in bfloat16 are 256 KiB per step
 block_k_rule = "tpu key blocks are multiples of 8 (the sublane tile) dividing the page size"
-PREFETCH = ("length", "count", "sink_blocks", "window_first")
+PREFETCH = ("length", "start", "count", "sink_first", "sink_blocks", "window_first")
 
 
 def default_block_k(problem: attention.DecodeProblem) -> int | None:
@@ -74,7 +74,8 @@ def _visit(problem: attention.DecodeProblem, prefetch, b, split, step):
 def _kv_block_index(problem: attention.DecodeProblem, b, h, split, step, *refs):
     prefetch = dict(zip(PREFETCH + ("block_tables",), refs))
     n, _ = _visit(problem, prefetch, b, split, step)
-    kv_start = attention.visited_block(n, prefetch["sink_blocks"][b], prefetch["window_first"][b]) * problem.block_k
+    kv_start = attention.visited_block(n, prefetch["sink_first"][b], prefetch["sink_blocks"][b],
+                                       prefetch["window_first"][b]) * problem.block_k
     page = jnp.clip(prefetch["block_tables"][b, kv_start // problem.page_size], 0, problem.num_pages - 1)
     return page, (kv_start % problem.page_size) // problem.block_k, h
 
@@ -84,9 +85,9 @@ def _kernel(*refs, problem: attention.DecodeProblem):
     refs = dict(zip(names, refs))
     b, split, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     bk = problem.block_k
-    length = refs["length"][b]
+    length, start = refs["length"][b], refs["start"][b]
     n, computes = _visit(problem, refs, b, split, step)
-    kv_start = attention.visited_block(n, refs["sink_blocks"][b], refs["window_first"][b]) * bk
+    kv_start = attention.visited_block(n, refs["sink_first"][b], refs["sink_blocks"][b], refs["window_first"][b]) * bk
 
     @pl.when(step == 0)
     def _init():
@@ -94,16 +95,16 @@ def _kernel(*refs, problem: attention.DecodeProblem):
         refs["l"][...] = jnp.zeros_like(refs["l"])
         refs["m"][...] = jnp.full_like(refs["m"], -jnp.inf)
 
-    def body(holds_end: bool):
+    def body(straddles: bool):
         v = refs["v"][...]
-        if holds_end:  # the block holding key L−1: what lies past it may be NaN, and 0 · NaN is NaN
-            present = kv_start + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0) < length
-            v = jnp.where(present, v, jnp.zeros_like(v))
+        if straddles:  # the block holding the start or key L−1: what lies outside may be NaN, and 0 · NaN is NaN
+            v_pos = kv_start + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
+            v = jnp.where((v_pos >= start) & (v_pos < length), v, jnp.zeros_like(v))
         qk = _dot(problem, refs["q"][...], refs["k"][...], (1, 1))
         query_pos = attention.query_positions(problem, length, jax.lax.broadcasted_iota(jnp.int32, qk.shape, 0))
         key_pos = kv_start + jax.lax.broadcasted_iota(jnp.int32, qk.shape, 1)
-        scores = jnp.where(attention.allowed(problem, query_pos, key_pos), qk * (problem.scale * block_math.LOG2_E),
-                           -jnp.inf)
+        scores = jnp.where(attention.allowed(problem, query_pos, key_pos, start),
+                           qk * (problem.scale * block_math.LOG2_E), -jnp.inf)
         m_prev, l_prev = refs["m"][:, :1], refs["l"][:, :1]
         m_next = jnp.maximum(m_prev, jnp.max(scores, axis=-1, keepdims=True))
         m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # a row that saw nothing stays at m = -inf, l = 0
@@ -113,9 +114,9 @@ def _kernel(*refs, problem: attention.DecodeProblem):
         refs["l"][...] = jnp.broadcast_to(alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True), refs["l"].shape)
         refs["acc"][...] = alpha * refs["acc"][...] + _dot(problem, p.astype(v.dtype), v, (1, 0))
 
-    holds_end = kv_start + bk > length
-    pl.when(computes & holds_end)(functools.partial(body, True))
-    pl.when(computes & jnp.logical_not(holds_end))(functools.partial(body, False))
+    straddles = (kv_start < start) | (kv_start + bk > length)
+    pl.when(computes & straddles)(functools.partial(body, True))
+    pl.when(computes & jnp.logical_not(straddles))(functools.partial(body, False))
 
     @pl.when(step == pl.num_programs(3) - 1)
     def _finish():
@@ -148,6 +149,6 @@ def partials(problem: attention.DecodeProblem, q, k_cache, v_cache, block_tables
     return out, lse[..., 0]
 
 
-def decode(problem: attention.DecodeProblem, q, k_cache, v_cache, lengths, block_tables):
-    return attention.split_k_decode(problem, q, k_cache, v_cache, lengths, block_tables, partials=partials,
+def decode(problem: attention.DecodeProblem, q, k_cache, v_cache, lengths, starts, block_tables):
+    return attention.split_k_decode(problem, q, k_cache, v_cache, lengths, starts, block_tables, partials=partials,
                                     rows=padded_rows(problem))

@@ -3,10 +3,10 @@
 Grid (B, Hkv, num_splits). Program (b, h, s) holds the [rows, D] queries of kv head h (T new tokens × G query heads,
 padded to a power of two >= 16 for tl.dot) and loops over its share of the sequence's visited key blocks
 (`attention.visit_plan`, `split_range`): per block one page-table lookup, K and V [block_k, D] loaded once (rows
-at or past the length masked to 0 in the load, so nothing past it is read), scores [rows, block_k] masked by position,
-the online softmax of FlashAttention-2 in base 2. It writes its normalised output and lse; `attention.combine`
-merges the splits. The cache stays in its [pages, page_size, Hkv, D] layout: the BlockSpec picks kv head h and the
-kernel indexes (page, token) itself.
+before the start or at or past the length masked to 0 in the load, so no padding is read), scores [rows, block_k]
+masked by position, the online softmax of FlashAttention-2 in base 2. It writes its normalised output and lse;
+`attention.combine` merges the splits. The cache stays in its [pages, page_size, Hkv, D] layout: the BlockSpec picks
+kv head h and the kernel indexes (page, token) itself.
 
 After jax.experimental.pallas.ops.gpu.decode_attention and paged_attention (split-K decoding in Pallas Triton).
 """
@@ -56,31 +56,32 @@ def _dot(problem: attention.DecodeProblem, a, b, *, trans_b=False):
     return plgpu.dot(a, b, trans_b=trans_b, precision=precision)
 
 
-def _kernel(q_ref, length_ref, count_ref, sink_blocks_ref, window_first_ref, block_table_ref, k_ref, v_ref, out_ref,
-            lse_ref, *, problem: attention.DecodeProblem):
+def _kernel(q_ref, length_ref, start_ref, count_ref, sink_first_ref, sink_blocks_ref, window_first_ref, block_table_ref,
+            k_ref, v_ref, out_ref, lse_ref, *, problem: attention.DecodeProblem):
     b, split = pl.program_id(0), pl.program_id(2)
     bk, rows = problem.block_k, q_ref.shape[0]
-    length, sink_blocks, window_first = length_ref[b], sink_blocks_ref[b], window_first_ref[b]
-    start, end = attention.split_range(count_ref[b], split, problem.num_splits)
+    length, start = length_ref[b], start_ref[b]
+    sink_first, sink_blocks, window_first = sink_first_ref[b], sink_blocks_ref[b], window_first_ref[b]
+    begin, end = attention.split_range(count_ref[b], split, problem.num_splits)
     q = q_ref[...]
     query_pos = attention.query_positions(problem, length, jnp.arange(rows, dtype=jnp.int32))[:, None]
     offsets = jnp.arange(bk, dtype=jnp.int32)
 
     def step(n, carry):
         acc, m, l = carry
-        kv_start = attention.visited_block(n, sink_blocks, window_first) * bk
+        kv_start = attention.visited_block(n, sink_first, sink_blocks, window_first) * bk
         page = block_table_ref[kv_start // problem.page_size]
         span = pl.ds(pl.multiple_of(kv_start % problem.page_size, bk), bk)
         key_pos = kv_start + offsets
-        present = (key_pos < length)[:, None]
+        present = ((key_pos >= start) & (key_pos < length))[:, None]
         k = plgpu.load(k_ref.at[page, span, :], mask=present, other=0.0)
         v = plgpu.load(v_ref.at[page, span, :], mask=present, other=0.0)
         scores = _dot(problem, q, k, trans_b=True) * (problem.scale * block_math.LOG2_E)
-        scores = jnp.where(attention.allowed(problem, query_pos, key_pos[None, :]), scores, -jnp.inf)
+        scores = jnp.where(attention.allowed(problem, query_pos, key_pos[None, :], start), scores, -jnp.inf)
         p, alpha, m, l = block_math.online_softmax(scores, m, l)
         return alpha[:, None] * acc + _dot(problem, p.astype(v.dtype), v), m, l
 
-    acc, m, l = jax.lax.fori_loop(start, end, step, (jnp.zeros((rows, problem.head_dim), jnp.float32),
+    acc, m, l = jax.lax.fori_loop(begin, end, step, (jnp.zeros((rows, problem.head_dim), jnp.float32),
                                                      jnp.full((rows,), -jnp.inf, jnp.float32),
                                                      jnp.zeros((rows,), jnp.float32)))
     out_ref[...] = acc / jnp.where(l > 0, l, 1.0)[:, None]
@@ -96,7 +97,7 @@ def partials(problem: attention.DecodeProblem, q, k_cache, v_cache, block_tables
     B, Hkv, rows, D = q.shape
     splits = problem.num_splits
     cache_spec = pl.BlockSpec((problem.num_pages, problem.page_size, None, D), lambda b, h, s: (0, 0, h, 0))
-    scalars = [visits[name] for name in ("length", "count", "sink_blocks", "window_first")]
+    scalars = [visits[name] for name in ("length", "start", "count", "sink_first", "sink_blocks", "window_first")]
     in_specs = [pl.BlockSpec((None, None, rows, D), lambda b, h, s: (b, h, 0, 0)),
                 *(_whole(x) for x in scalars),
                 pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -112,6 +113,6 @@ def partials(problem: attention.DecodeProblem, q, k_cache, v_cache, block_tables
     )(q, *scalars, block_tables, k_cache, v_cache)
 
 
-def decode(problem: attention.DecodeProblem, q, k_cache, v_cache, lengths, block_tables):
-    return attention.split_k_decode(problem, q, k_cache, v_cache, lengths, block_tables, partials=partials,
+def decode(problem: attention.DecodeProblem, q, k_cache, v_cache, lengths, starts, block_tables):
+    return attention.split_k_decode(problem, q, k_cache, v_cache, lengths, starts, block_tables, partials=partials,
                                     rows=padded_rows(problem))

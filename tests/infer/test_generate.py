@@ -43,30 +43,41 @@ LENGTH_DEPENDENT = {name for name in positions.names()
                     if getattr(positions.scheme_class(name), "length_dependent", False)} | {"clex"}
 
 
-@pytest.mark.parametrize("name", positions.names())
-def test_cached_decoding_equals_the_full_forward(name):
+ENCODED = [name for name in positions.names() if scheme_model(name).position_scheme.encodes_keys_once()]
+CACHES = [(name, "raw", None) for name in positions.names()] + [(name, "encoded", None) for name in ENCODED] + [
+    ("rope", "raw", 4), ("rope", "encoded", 4), ("self_extend", "raw", 4)]
+
+
+def test_keys_are_encoded_once_exactly_for_fixed_tables_and_plain_attention():
+    assert set(ENCODED) == {"abf", "linear", "llama3", "none", "ntk", "proportional", "rope", "yarn"}
+
+
+@pytest.mark.parametrize("name,cache_kind,page_size", CACHES)
+def test_cached_decoding_equals_the_full_forward(name, cache_kind, page_size):
     """Rows of different prompt lengths, left-padded, prefilled in chunks and decoded a token at a time: every call's
     logits equal those of the full forward over the same padded batch up to the call's last column (schemes that
-    follow the length, dynamic NTK and CLEX, see the length reached so far, as in generation)."""
+    follow the length, dynamic NTK and CLEX, see the length reached so far, as in generation), for caches of raw and
+    of encoded keys, contiguous and paged. Prefill chunks of 3 and 2 columns and the decoding steps run the decoding
+    kernel's path (its jnp reference on CPU); the chunk of 17 columns the prefill path."""
     model = scheme_model(name, num_layers=1 if name in LENGTH_DEPENDENT else CONFIG.num_layers)
     params = random_params(model)
     rng = np.random.default_rng(0)
-    sequences = [rng.integers(0, CONFIG.vocab_size, n).astype(np.int32) for n in (19, 14)]
-    prompt_lengths = (7, 2)
-    width, total = 8, 8 + 12
+    sequences = [rng.integers(0, CONFIG.vocab_size, n).astype(np.int32) for n in (33, 28)]
+    prompt_lengths = (22, 2)
+    width, total = 24, 24 + 12
     batch = left_padded([s[:n] for s, n in zip(sequences, prompt_lengths)], width, pad_id=0)
-    full = {key: np.concatenate([value, np.zeros((2, total - width), np.int32)], 1) for key, value in batch.items()}
+    full = {key: np.concatenate([batch[key], np.zeros((2, total - width), np.int32)], 1)
+            for key in ("tokens", "positions")}
+    full["segment_ids"] = (np.arange(total)[None] >= batch["starts"][:, None]).astype(np.int32)
     for row, (sequence, n) in enumerate(zip(sequences, prompt_lengths)):
         rest = sequence[n:n + total - width]
         full["tokens"][row, width:width + len(rest)] = rest
         full["positions"][row, width:] = n + np.arange(total - width)
-        full["segment_ids"][row, width:] = 1
     forward = jax.jit(lambda params, tokens, pos, seg: model.apply({"params": params}, tokens, pos, seg))
-    cached = jax.jit(lambda params, cache, tokens, pos, seg: model.apply({"params": params}, tokens, pos, seg,
-                                                                          cache=cache))
-    cache = empty_cache(model, 2, total)
-    for start, stop in [(0, 3), (3, 6), (6, 8)] + [(t, t + 1) for t in range(width, total)]:
-        columns = [jnp.asarray(full[key][:, start:stop]) for key in ("tokens", "positions", "segment_ids")]
+    cached = jax.jit(lambda params, cache, tokens, pos: model.apply({"params": params}, tokens, pos, cache=cache))
+    cache = empty_cache(model, 2, total, starts=batch["starts"], encoded=cache_kind == "encoded", page_size=page_size)
+    for start, stop in [(0, 3), (3, 5), (5, 22), (22, 24)] + [(t, t + 1) for t in range(width, total)]:
+        columns = [jnp.asarray(full[key][:, start:stop]) for key in ("tokens", "positions")]
         logits, cache = cached(params, cache, *columns)
         expected = forward(params, *(jnp.asarray(full[key][:, :stop]) for key in ("tokens", "positions",
                                                                                     "segment_ids")))[:, start:]
@@ -82,7 +93,8 @@ def test_left_padding_does_not_change_a_row():
     prompt = np.arange(1, 10, dtype=np.int32)
     alone = model.apply({"params": params}, prompt[None])
     batch = left_padded([prompt], 16, pad_id=0)
-    padded = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
+    segment_ids = (np.arange(16)[None] >= batch["starts"][:, None]).astype(np.int32)
+    padded = model.apply({"params": params}, batch["tokens"], batch["positions"], segment_ids)
     np.testing.assert_allclose(padded[0, 7:], alone[0], atol=1e-5, rtol=1e-5)
 
 

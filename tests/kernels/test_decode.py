@@ -1,7 +1,7 @@
 """pallas_kernels.decode_attention: every backend against a naive numpy oracle written here (float64 loops over
 sequence, token and head), on contiguous and paged caches, MHA and GQA, lengths 0, 1, off the block grid and full,
-NaN past every length, windows and sinks, several new tokens, bfloat16; and the visit plan, the lowering for GPU and
-TPU, and the argument checks.
+NaN past every length, windows and sinks, several new tokens, left-padded caches (NaN before every start), bfloat16;
+and the visit plan, the lowering for GPU and TPU, and the argument checks.
 
 Interpret-mode classes run the Pallas kernels on CPU (make test); the compiled ones run where the device is present.
 """
@@ -22,18 +22,21 @@ LENGTHS = (0, 1, 45, S)  # empty, one key, off the block grid, the full cache
 HEADS = {"mha": 2, "gqa": 8}  # Hq over Hkv = 2: groups of 1 and 4
 
 
-def numpy_decode(q, k, v, lengths, *, sinks=0, window=None, scale=None):
-    """q [B, T, Hq, D], k/v [B, S, Hkv, D] contiguous → [B, T, Hq, D] float64, key by key."""
+def numpy_decode(q, k, v, lengths, *, starts=None, sinks=0, window=None, scale=None):
+    """q [B, T, Hq, D], k/v [B, S, Hkv, D] contiguous → [B, T, Hq, D] float64, key by key; sequence b's keys from
+    column starts[b] (default 0)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     Bq, T, Hq, D = q.shape
     group = Hq // k.shape[2]
     scale = D ** -0.5 if scale is None else scale
+    starts = np.zeros(Bq, np.int32) if starts is None else starts
     out = np.zeros(q.shape)
     for b in range(Bq):
+        start = int(starts[b])
         for t in range(T):
             i = int(lengths[b]) - T + t
-            keys = [j for j in range(0, min(int(lengths[b]), i + 1))
-                    if window is None or i - j < window or j < sinks]
+            keys = [j for j in range(start, min(int(lengths[b]), i + 1))
+                    if window is None or i - j < window or j - start < sinks]
             if not keys:
                 continue
             for h in range(Hq):
@@ -54,9 +57,21 @@ def _inputs(Hq, *, D=64, T=None, dtype=jnp.float32, lengths=LENGTHS, seed=0):
     return q, k, v, np.asarray(lengths, np.int32)
 
 
-def _paged(cache, lengths, page_size, seed=1):
+def _nan_where_unseen(k, v, lengths, *, starts=(0,) * B, num_new=1, sinks=0, window=None, block=16):
+    """NaN in every key block of k, v [B, S, Hkv, D] (in place) that none of the num_new queries may see, which a
+    kernel that loaded it would spread through 0 · NaN."""
+    for b, (length, start) in enumerate(zip(lengths, starts)):
+        for block_start in range(0, S, block):
+            keys = np.arange(block_start, block_start + block)
+            near = True if window is None else (length - num_new - keys < window) | (keys - start < sinks)
+            if not np.any((keys >= start) & (keys < length) & near):
+                k[b, block_start:block_start + block], v[b, block_start:block_start + block] = np.nan, np.nan
+
+
+def _paged(cache, lengths, page_size, seed=1, starts=(0,) * B):
     """The contiguous cache [B, S, Hkv, D] as pages [B·S/page_size + 2, page_size, Hkv, D] in a random order, two
-    spare pages of NaN, and the block table; table entries of pages past a length point far out of range."""
+    spare pages of NaN, and the block table; table entries of pages past a length or before a start point far out of
+    range."""
     rng = np.random.default_rng(seed)
     per_sequence = S // page_size
     num_pages = B * per_sequence + 2
@@ -65,7 +80,8 @@ def _paged(cache, lengths, page_size, seed=1):
     for b in range(B):
         for p in range(per_sequence):
             pages[order[b, p]] = cache[b, p * page_size:(p + 1) * page_size]
-    used = np.arange(per_sequence)[None] * page_size < np.asarray(lengths)[:, None]
+    page_start = np.arange(per_sequence)[None] * page_size
+    used = (page_start < np.asarray(lengths)[:, None]) & (page_start + page_size > np.asarray(starts)[:, None])
     return pages, np.where(used, order, 1 << 20).astype(np.int32)
 
 
@@ -82,6 +98,8 @@ class DecodeTests:
     def decode(self, q, k, v, lengths, dtype=jnp.float32, **kwargs):
         options = {} if self.backend == "reference" else self.kernel_options
         kwargs = {**options, **kwargs}
+        if kwargs.get("starts") is not None:
+            kwargs["starts"] = jnp.asarray(kwargs["starts"], jnp.int32)
         return decode_attention(_as(q, dtype), _as(k, dtype), _as(v, dtype), jnp.asarray(lengths),
                                 backend=self.backend, interpret=self.interpret, **kwargs)
 
@@ -106,12 +124,7 @@ class DecodeTests:
         kernel that loaded it would spread through 0 · NaN."""
         lengths = (3, 17, 45, S)
         q, k, v, lengths = _inputs(HEADS["gqa"], D=self.head_dim, lengths=lengths)
-        block = 16
-        for b, length in enumerate(lengths):
-            for start in range(0, S, block):
-                keys = np.arange(start, start + block)
-                if not np.any((keys < length) & ((length - 1 - keys < window) | (keys < sinks))):
-                    k[b, start:start + block], v[b, start:start + block] = np.nan, np.nan
+        _nan_where_unseen(k, v, lengths, sinks=sinks, window=window)
         out = self.decode(q, k, v, lengths, sinks=sinks, window=window)
         self.check(out, numpy_decode(q[:, None], k, v, lengths, sinks=sinks, window=window)[:, 0])
 
@@ -120,6 +133,27 @@ class DecodeTests:
         q, k, v, lengths = _inputs(HEADS["gqa"], D=self.head_dim, T=3, lengths=(2, 17, 45, S))
         out = self.decode(q, k, v, lengths, sinks=2, window=20, scale=0.3)
         self.check(out, numpy_decode(q, k, v, lengths, sinks=2, window=20, scale=0.3))
+
+    @pytest.mark.parametrize("num_new,sinks,window,starts", [
+        (1, 0, None, (20, 5, 30, 60)), (1, 5, 20, (20, 5, 30, 60)), (3, 2, 20, (20, 16, 30, 60))])
+    def test_left_padded_cache(self, num_new, sinks, window, starts):
+        """starts: a start past its length (no keys, 0), inside the first block, past the first block, and (sinks 5)
+        sinks straddling two blocks before the window; T = 3 with a start after the first tokens, which see nothing.
+        NaN before every start and in every block no query may see; the paged cache gives the contiguous answer."""
+        lengths = (3, 17, 45, S)
+        q, k, v, lengths = _inputs(HEADS["gqa"], D=self.head_dim, T=None if num_new == 1 else num_new, lengths=lengths)
+        for b, start in enumerate(starts):
+            k[b, :start], v[b, :start] = np.nan, np.nan
+        _nan_where_unseen(k, v, lengths, starts=starts, num_new=num_new, sinks=sinks, window=window)
+        options = dict(starts=starts, sinks=sinks, window=window)
+        out = self.decode(q, k, v, lengths, **options)
+        tokens = q if num_new > 1 else q[:, None]
+        expected = numpy_decode(tokens, k, v, lengths, **options)
+        self.check(out, expected if num_new > 1 else expected[:, 0])
+        assert np.all(np.asarray(out[0]) == 0), "a sequence starting past its length must give 0"
+        (k_pages, block_tables), (v_pages, _) = (_paged(x, lengths, 32, starts=starts) for x in (k, v))
+        paged = self.decode(q, k_pages, v_pages, lengths, block_tables=jnp.asarray(block_tables), **options)
+        np.testing.assert_array_equal(np.asarray(paged), np.asarray(out), err_msg="paged != contiguous")
 
     def test_bfloat16(self):
         q, k, v, lengths = _inputs(HEADS["gqa"], D=self.head_dim, dtype=jnp.bfloat16)
@@ -162,27 +196,38 @@ class TestTpuCompiled(DecodeTests):
     head_dim = 128
 
 
+@pytest.mark.parametrize("left_padded", [False, True])
 @pytest.mark.parametrize("sinks,window,num_new", [(0, None, 1), (0, 20, 1), (5, 20, 1), (40, 10, 1), (3, 7, 3),
-                                                  (0, 1, 1)])
-def test_visit_plan_covers_exactly_the_blocks_with_a_visible_key(sinks, window, num_new):
-    """The blocks the kernels visit (each once, split by split) are those holding a key some query may see."""
+                                                  (0, 1, 1), (16, 16, 1)])
+def test_visit_plan_covers_exactly_the_blocks_with_a_visible_key(sinks, window, num_new, left_padded):
+    """The blocks the kernels visit (each once, split by split, at most max_visits) are those holding a key some query
+    may see (the module docstring's rule); left-padded, for every length and starts negative (clipped to 0), at and
+    inside blocks, and at and past the length."""
     block_k, num_splits = 16, 3
-    problem, _ = attention.plan((B, num_new, 8, 64), (B, S, HKV, 64), jnp.float32, sinks=sinks, window=window,
-                                block_k=block_k, num_splits=num_splits, backend="triton", interpret=True)
-    lengths = np.arange(0, S + 1, dtype=np.int32)
+    problem, _ = attention.plan((B, num_new, 8, 64), (B, S, HKV, 64), jnp.float32, left_padded=left_padded,
+                                sinks=sinks, window=window, block_k=block_k, num_splits=num_splits, backend="triton",
+                                interpret=True)
+    start_options = (-3, 0, 1, 5, 16, 24, 31, 60) if left_padded else (0,)
+    pairs = [(length, start) for length in range(S + 1)
+             for start in sorted({*start_options, length - 1, length, length + 4} if left_padded else start_options)]
+    lengths, starts = (np.asarray(x, np.int32) for x in zip(*pairs))
     problem = attention.dataclasses.replace(problem, batch=len(lengths))
-    plan = {name: np.asarray(x) for name, x in attention.visit_plan(problem, jnp.asarray(lengths)).items()}
-    for b, length in enumerate(lengths):
+    plan = {name: np.asarray(x)
+            for name, x in attention.visit_plan(problem, jnp.asarray(lengths), jnp.asarray(starts)).items()}
+    for b, (length, start) in enumerate(pairs):
         visited = []
         for split in range(num_splits):
-            start, end = (int(x) for x in attention.split_range(plan["count"][b], split, num_splits))
-            visited += [int(attention.visited_block(n, plan["sink_blocks"][b], plan["window_first"][b]))
-                        for n in range(start, end)]
-        queries = np.arange(length - num_new, length)[:, None]
-        keys = np.arange(S)[None]
-        seen = np.asarray(attention.allowed(problem, queries, keys)) & (keys < length) & (queries >= 0)
-        expected = sorted({int(j) // block_k for j in np.nonzero(seen.any(0))[0]})
-        assert visited == expected, f"length {length}"
+            begin, end = (int(x) for x in attention.split_range(plan["count"][b], split, num_splits))
+            visited += [int(attention.visited_block(n, plan["sink_first"][b], plan["sink_blocks"][b],
+                                                    plan["window_first"][b])) for n in range(begin, end)]
+        s = min(max(start, 0), length)
+        i = np.arange(length - num_new, length)[:, None]
+        j = np.arange(S)[None]
+        seen = (s <= j) & (j <= i)
+        if window is not None:
+            seen &= (i - j < window) | (j - s < sinks)
+        expected = sorted({int(key) // block_k for key in np.nonzero(seen.any(0))[0]})
+        assert visited == expected, f"length {length}, start {start}"
         assert len(visited) <= problem.max_visits
 
 
@@ -199,16 +244,17 @@ def test_default_splits_fill_the_gpu():
 @pytest.mark.parametrize("platform,device_kind,backend,head_dim", [
     ("cuda", "NVIDIA H100 80GB HBM3", "triton", 64), ("tpu", "TPU v5 lite", "tpu", 128)])
 def test_kernels_lower_for_their_devices(platform, device_kind, backend, head_dim):
-    """Pallas → Triton IR and Pallas → Mosaic lowering, on CPU through an abstract device: a paged bfloat16 GQA call
-    with several tokens, a window and sinks (what the interpret tests run but the lowering can refuse)."""
+    """Pallas → Triton IR and Pallas → Mosaic lowering, on CPU through an abstract device: a paged, left-padded
+    bfloat16 GQA call with several tokens, a window and sinks (what the interpret tests run but the lowering can
+    refuse)."""
     abstract = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1,
                                            platform="gpu" if platform == "cuda" else platform)
     mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=abstract)
     shapes = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in (
         ((2, 3, 32, head_dim), jnp.bfloat16), ((64, 128, 8, head_dim), jnp.bfloat16),
-        ((64, 128, 8, head_dim), jnp.bfloat16), ((2,), jnp.int32), ((2, 16), jnp.int32))]
-    attend = jax.jit(lambda q, k, v, lengths, tables: decode_attention(
-        q, k, v, lengths, block_tables=tables, sinks=4, window=1000, num_splits=4, backend=backend))
+        ((64, 128, 8, head_dim), jnp.bfloat16), ((2,), jnp.int32), ((2,), jnp.int32), ((2, 16), jnp.int32))]
+    attend = jax.jit(lambda q, k, v, lengths, starts, tables: decode_attention(
+        q, k, v, lengths, starts=starts, block_tables=tables, sinks=4, window=1000, num_splits=4, backend=backend))
     with jax.sharding.use_abstract_mesh(mesh):
         text = attend.trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
     assert "decode_attention_split_k" in text
@@ -230,6 +276,8 @@ BAD_CALLS = {
     "dtype": (lambda c: c.update(q=c["q"].astype(jnp.bfloat16)), ValueError, "dtype"),
     "lengths_dtype": (lambda c: c.update(lengths=c["lengths"].astype(jnp.float32)), ValueError, "lengths"),
     "lengths_shape": (lambda c: c.update(lengths=c["lengths"][:2]), ValueError, "lengths"),
+    "starts_dtype": (lambda c: c.update(starts=c["lengths"].astype(jnp.float32)), ValueError, "starts"),
+    "starts_shape": (lambda c: c.update(starts=c["lengths"][:2]), ValueError, "starts"),
     "block_tables_dtype": (lambda c: c.update(block_tables=jnp.zeros((B, 4), jnp.float32)), ValueError,
                            "block_tables"),
     "block_tables_shape": (lambda c: c.update(block_tables=jnp.zeros((2, 4), jnp.int32)), ValueError,
