@@ -1,13 +1,16 @@
 """python -m longctx.eval --workdir RUN --lengths 256,512,1024 [--tasks ppl,passkey,niah,ruler,longbench]
     [--positions rope,yarn | all] [--config.model.positions.factor=8 ...]
+    [--cache auto|encoded|raw] [--page_size 64] [--kv_policy snapkv|sinks_window --kv_fraction 0.125]
 
 Evaluates a trained run at each length under each position scheme on each task, prints the tables, and writes
 report.json, report.md and the plots into --output_dir (default: the workdir), replacing an earlier report there only
 with --overwrite. `--config.model.positions.<param>=<value>` sets a parameter of every evaluated scheme that takes
-it (the scheme at evaluation time may differ from training's).
+it (the scheme at evaluation time may differ from training's). The generation tasks run through the KV cache
+`--cache` and `--page_size` choose, and under the KV compression policy `--kv_policy` with its budget.
 """
 
 import ast
+import dataclasses
 import pathlib
 import sys
 
@@ -16,6 +19,8 @@ from absl import app, flags
 from longctx import cli
 from longctx.eval import ruler, suite
 from longctx.eval.report import check_output_dir, markdown, write_report
+from longctx.infer.compress import POLICIES, compression_of
+from longctx.infer.generate import CACHE_KINDS
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run to evaluate (a longctx.train workdir).", required=True)
 _LENGTHS = flags.DEFINE_list("lengths", None, "Context lengths to evaluate at, e.g. 256,512,1024.", required=True)
@@ -38,6 +43,13 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Prompts generated at onc
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", suite.Options.prefill_chunk, "Prompt tokens per prefill "
                                       "call through the KV cache.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampled prompts.")
+_CACHE = flags.DEFINE_enum("cache", "auto", list(CACHE_KINDS), "KV cache keys: encoded once (the decoding kernel) "
+                           "or raw (re-encoded every step, any scheme); auto: encoded where the scheme allows.")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", None, "Page the KV cache with pages of this many tokens.")
+_KV_POLICY = flags.DEFINE_enum("kv_policy", "none", ["none", *POLICIES], "KV compression after the prefill "
+                               "(longctx.infer.compress).")
+_KV_BUDGET = flags.DEFINE_integer("kv_budget", None, "Tokens each kv head keeps (--kv_policy).")
+_KV_FRACTION = flags.DEFINE_float("kv_fraction", None, "Fraction of each prompt each kv head keeps (--kv_policy).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the report goes (default: --workdir).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a report already in --output_dir.")
 
@@ -76,9 +88,12 @@ def main(argv):
     options = suite.Options(tasks=tuple(_TASKS.value), depths=depths, num_samples=_NUM_SAMPLES.value,
                             stride=_STRIDE.value, haystack=_HAYSTACK.value, ruler_tasks=tuple(_RULER_TASKS.value),
                             longbench=tuple(_LONGBENCH.value), batch_size=_BATCH_SIZE.value,
-                            prefill_chunk=_PREFILL_CHUNK.value, seed=_SEED.value)
+                            prefill_chunk=_PREFILL_CHUNK.value, seed=_SEED.value, cache=_CACHE.value,
+                            page_size=_PAGE_SIZE.value)
     output_dir = pathlib.Path(_OUTPUT_DIR.value or _WORKDIR.value)
     try:
+        options = dataclasses.replace(options, compression=compression_of(_KV_POLICY.value, _KV_BUDGET.value,
+                                                                           _KV_FRACTION.value))
         check_output_dir(output_dir, overwrite=_OVERWRITE.value)
         evaluation = suite.prepare(_WORKDIR.value, lengths, _POSITIONS.value, options=options, step=_STEP.value,
                                    num_documents=_NUM_DOCUMENTS.value, overrides=_OVERRIDES)

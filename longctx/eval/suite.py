@@ -32,6 +32,7 @@ from longctx.config import positions_config
 from longctx.data import Tokenizer, load_tokenizer, pipeline
 from longctx.eval import longbench, niah, passkey, ppl, ruler
 from longctx.eval.tasks import Sample
+from longctx.infer.compress import Compression
 from longctx.infer.generate import Generator
 from longctx.models import adapt_params, build_model, check_forward, param_structure
 from longctx.train import checkpoint
@@ -48,7 +49,8 @@ class Options:
     per (task, length, depth) cell; stride: also sliding-window perplexity with this stride (None: not);
     haystack: a text file for niah and RULER's essay tasks (None: the run's held-out documents); ruler_tasks:
     which RULER tasks; longbench: jsonl files; batch_size: generation batch (None: the run's eval.batch_size);
-    prefill_chunk: prompt columns per prefill call (bounds the score matrix); seed: of every sampled prompt."""
+    prefill_chunk: prompt columns per prefill call (bounds the score matrix); seed: of every sampled prompt;
+    cache, page_size, compression: the KV cache generation runs with (`longctx.infer.generate.Generator`)."""
 
     tasks: tuple[str, ...] = ("ppl",)
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -60,6 +62,9 @@ class Options:
     batch_size: int | None = None
     prefill_chunk: int | None = 1024
     seed: int = 0
+    cache: str = "auto"
+    page_size: int | None = None
+    compression: Compression | None = None
 
     def check(self) -> None:
         unknown = [task for task in self.tasks if task not in TASKS]
@@ -317,7 +322,8 @@ def run(evaluation: Evaluation) -> dict[str, Any]:
                     report[key][scheme.label] = value
                 bar.update(1)
             generator = Generator(model, model_params, pad_id=evaluation.tokenizer.pad_id,
-                                  prefill_chunk=options.prefill_chunk)
+                                  prefill_chunk=options.prefill_chunk, cache=options.cache,
+                                  page_size=options.page_size, compression=options.compression)
             for task in evaluation.samples:
                 bar.set_postfix_str(f"{scheme.label}: {task}")
                 report[task][scheme.label] = generation_results(evaluation, generator, task)

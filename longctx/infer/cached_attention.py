@@ -11,10 +11,14 @@
 - Prefill under any other mask runs `longctx.attention.attention` over the whole cache with a traced q_offset,
   which only the dense implementations take (T × S scores: prefill such prompts in chunks).
 
-`impl` (the model's `attention_impl`) picks the decoding backend too: "pallas" and "auto" the device's kernel
-("auto" on CPU the jnp reference), "pallas_interpret" the Triton kernel in interpret mode, "xla", "cudnn" and
-"reference" the jnp reference of the decoding kernel.
+`impl` (the model's `attention_impl`) picks how decoding attends: "pallas", "cudnn" and "auto" through the device's
+decoding kernel ("auto" on CPU, or where the kernel lacks the head dim, through its jnp reference; under a mask the
+kernel cannot take, through `longctx.attention.attention`; logged), "pallas_interpret" through the Triton kernel in
+interpret mode; "xla" and "reference" decode through `longctx.attention.attention` over the whole cache with that
+implementation (with "xla", `jax.nn.dot_product_attention`: the baseline of `scripts/bench_decode.py`).
 """
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -22,16 +26,47 @@ import jax.numpy as jnp
 from longctx.attention import attention, masks, merge_attention
 from longctx.infer.kv_cache import CacheView
 from pallas_kernels import decode_attention
-from pallas_kernels.decode.attention import MAX_NEW_TOKENS
+from pallas_kernels.decode.attention import MAX_NEW_TOKENS, plan
+
+logger = logging.getLogger("longctx.infer")
+_LOGGED_FALLBACKS: set[str] = set()
 
 
-def decoding_backend(impl: str) -> tuple[str, bool]:
-    """(decode_attention backend, interpret) for the model's attention implementation."""
+def decoding_kernel(impl: str, q: jax.Array, keys: jax.Array, view: CacheView, mask: masks.Mask) -> dict | None:
+    """The decode_attention arguments (backend, interpret, window, sinks) that serve a decoding step under the
+    model's attention implementation, or None where it decodes through `longctx.attention.attention` ("xla",
+    "reference"). "auto" takes the jnp reference of the kernel where the device's kernel cannot serve the step (a
+    head dim it lacks, say), and logs why; an explicit implementation raises."""
+    if impl in ("xla", "reference"):
+        return None
     if impl == "pallas_interpret":
-        return "triton", True
-    if impl == "pallas" or (impl == "auto" and jax.devices()[0].platform in ("gpu", "tpu")):
-        return "auto", False
-    return "reference", False
+        backend, interpret = "triton", True
+    elif impl in ("pallas", "cudnn") or jax.devices()[0].platform in ("gpu", "tpu"):
+        backend, interpret = "auto", False
+    else:
+        backend, interpret = "reference", False
+    try:
+        window, sinks = window_and_sinks(mask)
+    except NotImplementedError as e:
+        if impl != "auto":
+            raise
+        _log_fallback(str(e), "longctx.attention.attention over the whole cache")
+        return None
+    try:
+        plan(q.shape, keys.shape, q.dtype, sinks=sinks, window=window, backend=backend, interpret=interpret,
+             left_padded=True, block_tables_shape=None if view.block_tables is None else view.block_tables.shape)
+    except NotImplementedError as e:
+        if impl != "auto" or backend == "reference":
+            raise
+        _log_fallback(str(e), "the decoding kernel's jnp reference")
+        backend, interpret = "reference", False
+    return dict(backend=backend, interpret=interpret, window=window, sinks=sinks)
+
+
+def _log_fallback(reason: str, instead: str) -> None:
+    if reason not in _LOGGED_FALLBACKS:
+        _LOGGED_FALLBACKS.add(reason)
+        logger.info("attention impl=auto decodes through %s: %s", instead, reason)
 
 
 def window_and_sinks(mask: masks.Mask) -> tuple[int | None, int]:
@@ -52,16 +87,14 @@ def encoded(q: jax.Array, k: jax.Array, v: jax.Array, keys: jax.Array, values: j
     """q [B, T, Hq, D] and the new tokens' k, v [B, T, Hkv, D], all encoded, against every layer's cached keys and
     values (the new ones written) at layer `layer` → [B, T, Hq, D]. segment_ids [B, T]: 0 on the new tokens that are
     padding."""
-    window, sinks = window_and_sinks(mask)
     B, T = q.shape[:2]
-    if T <= MAX_NEW_TOKENS:
-        backend, interpret = decoding_backend(impl)
+    kernel = decoding_kernel(impl, q, keys, view, mask) if T <= MAX_NEW_TOKENS else None
+    if kernel is not None:
         lengths = jnp.full((B,), view.length, jnp.int32)
-        return decode_attention(q, keys[layer], values[layer], lengths, starts=view.starts,
-                                block_tables=view.block_tables, sinks=sinks, window=window, backend=backend,
-                                interpret=interpret)
+        return decode_attention(q, keys, values, lengths, layer=layer, starts=view.starts,
+                                block_tables=view.block_tables, **kernel)
     cached_k, cached_v = view.contiguous(keys, layer), view.contiguous(values, layer)
-    if not isinstance(mask, masks.Causal):
+    if T <= MAX_NEW_TOKENS or not isinstance(mask, masks.Causal):
         return attention(q, cached_k, cached_v, mask=mask, segment_ids=segment_ids,
                          kv_segment_ids=view.segment_ids(), q_offset=view.offset, impl=impl)
     new = attention(q, k, v, mask=mask, segment_ids=segment_ids, impl=impl, return_lse=True)

@@ -21,12 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longctx.infer.compress import Compression, compress, observed_queries
 from longctx.infer.kv_cache import KVCache
 from longctx.infer.sampling import Sampling, next_tokens
 from longctx.models import Llama
 
 logger = logging.getLogger("longctx.infer")
 WIDTH_GRANULE = 64  # prompt widths round up to a multiple of this (or of the prefill chunk): fewer compilations
+CACHE_GRANULE = 128  # cache lengths round up to a multiple of this (and of the page size): kernels' key blocks divide it
 CACHE_KINDS = ("auto", "encoded", "raw")
 
 
@@ -65,9 +67,13 @@ def left_padded(prompts: Sequence[np.ndarray], width: int, pad_id: int) -> dict[
     return batch
 
 
-def _prefill(model, params, cache, tokens, positions):
-    logits, cache = model.apply({"params": params}, tokens, positions, cache=cache, last_logits_only=True)
-    return logits[:, -1], cache
+def _prefill(model, params, cache, tokens, positions, observe=0):
+    """(last logits [B, vocab], cache, the encoded queries of the last `observe` tokens [L, B, observe, Hq, D] or
+    None)."""
+    (logits, cache), sown = model.apply({"params": params}, tokens, positions, cache=cache, last_logits_only=True,
+                                        observe=observe, mutable="intermediates")
+    queries = observed_queries(sown["intermediates"], model.config.num_layers) if observe else None
+    return logits[:, -1], cache, queries
 
 
 def _decode(model, params, cache, logits, next_positions, rng, stop_ids, max_new_tokens, sampling):
@@ -99,21 +105,30 @@ class Generator:
     """Generation for one model and its params, compiled once per (batch size, prompt width, new tokens).
 
     `sampling` (default greedy) picks each token; `seed` seeds the sampling of every `generate` call alike.
-    `cache` ("auto", "encoded", "raw") and `page_size` choose the KV cache (module docstring).
+    `cache` ("auto", "encoded", "raw") and `page_size` choose the KV cache (module docstring); `compression`
+    (`longctx.infer.compress`, encoded keys only) keeps a budget of each prompt's tokens after the prefill.
     """
 
     def __init__(self, model: Llama, params, *, pad_id: int, prefill_chunk: int | None = None,
                  max_length: int | None = None, sampling: Sampling = Sampling(), seed: int = 0, cache: str = "auto",
-                 page_size: int | None = None):
+                 page_size: int | None = None, compression: Compression | None = None):
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
         if page_size is not None and (isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1):
             raise ValueError(f"page_size must be a positive int or None, got {page_size!r}")
         self.model, self.params, self.pad_id = model, params, pad_id
         self.encoded, self.page_size = cache_encodes_keys(model, cache), page_size
+        if compression is not None and not self.encoded:
+            raise ValueError(f"compression keeps encoded keys: it needs cache='encoded' (or 'auto') and a position "
+                             f"scheme that encodes keys once, not {type(model.position_scheme).__name__} with "
+                             f"cache={cache!r}")
+        if compression is not None and prefill_chunk is not None and prefill_chunk < compression.observes:
+            raise ValueError(f"prefill_chunk={prefill_chunk} must hold snapkv's observation_window="
+                             f"{compression.observes} (the last chunk's queries vote)")
+        self.compression = compression
         self.prefill_chunk, self.max_length = prefill_chunk, max_length
         self.sampling, self.rng = sampling, jax.random.key(seed)
-        self._prefill = jax.jit(_prefill, static_argnums=0, donate_argnums=2)
+        self._prefill = jax.jit(_prefill, static_argnums=(0, 5), donate_argnums=2)
         self._decode = jax.jit(_decode, static_argnums=(0, 6, 7, 8))
 
     def generate(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
@@ -134,10 +149,16 @@ class Generator:
         width = math.ceil(longest / chunk) * chunk
         batch = left_padded(prompts, width, self.pad_id)
         cache = self.empty_cache(batch["starts"], width + max_new_tokens)
+        observe = 0 if self.compression is None else min(self.compression.observes, width)
         for start in range(0, width, chunk):
             columns = slice(start, start + chunk)
-            logits, cache = self._prefill(self.model, self.params, cache, jnp.asarray(batch["tokens"][:, columns]),
-                                          jnp.asarray(batch["positions"][:, columns]))
+            logits, cache, queries = self._prefill(
+                self.model, self.params, cache, jnp.asarray(batch["tokens"][:, columns]),
+                jnp.asarray(batch["positions"][:, columns]), observe if start + chunk == width else 0)
+        if self.compression is not None:
+            budgets = self.compression.budgets(width - batch["starts"])
+            cache = compress(cache, self.compression, width - batch["starts"], queries=queries,
+                             capacity=self.cache_length(int(budgets.max()) + max_new_tokens))
         next_positions = jnp.asarray([len(p) for p in prompts], jnp.int32)
         stops = tuple(int(s) for s in stop_ids) or (-2,)
         out = np.asarray(self._decode(self.model, self.params, cache, logits, next_positions, self.rng, stops,
@@ -150,12 +171,14 @@ class Generator:
         return results
 
     def empty_cache(self, starts: np.ndarray, max_length: int) -> KVCache:
-        """The cache of a batch whose rows start at `starts`, with room for `max_length` columns (a multiple of
-        the page size when paged)."""
-        if self.page_size is not None:
-            max_length = math.ceil(max_length / self.page_size) * self.page_size
-        return empty_cache(self.model, len(starts), max_length, starts=starts, encoded=self.encoded,
-                           page_size=self.page_size)
+        """The cache of a batch whose rows start at `starts`, with room for at least `max_length` columns."""
+        return empty_cache(self.model, len(starts), self.cache_length(max_length), starts=starts,
+                           encoded=self.encoded, page_size=self.page_size)
+
+    def cache_length(self, columns: int) -> int:
+        """`columns` rounded up to the granule of cache lengths (and the page size)."""
+        granule = math.lcm(CACHE_GRANULE, self.page_size or 1)
+        return math.ceil(columns / granule) * granule
 
     def generate_batched(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int, batch_size: int,
                          stop_ids: Sequence[int] = ()) -> list[np.ndarray]:

@@ -41,7 +41,8 @@ def _check_positive(**values) -> None:
 class CacheView(struct.PyTreeNode):
     """What each layer needs besides its own keys and values: where the new tokens are written (`offset`, int32
     scalar), each row's first column (`starts` [B]), the columns written once they are (`length`), the block tables
-    of a paged cache (None if contiguous), and (static) the cache's columns S and whether keys are cached encoded."""
+    of a paged cache (None if contiguous), and (static) the cache's columns S, whether keys are cached encoded, and
+    how many of the last new tokens' encoded queries the layers sow (`Llama(..., observe=)`)."""
 
     offset: jax.Array
     starts: jax.Array
@@ -49,6 +50,7 @@ class CacheView(struct.PyTreeNode):
     block_tables: jax.Array | None
     columns: int = struct.field(pytree_node=False)
     encoded: bool = struct.field(pytree_node=False)
+    observe: int = struct.field(pytree_node=False, default=0)  # queries of the last `observe` new tokens to sow
 
     def segment_ids(self) -> jax.Array:
         """[B, S] int32: 1 on the columns of each row's sequence written so far (the new tokens' included), else 0."""
@@ -120,10 +122,12 @@ class KVCache(struct.PyTreeNode):
     def max_length(self) -> int:
         return self.positions.shape[1]
 
-    def view(self, num_new: int) -> CacheView:
-        """The layers' view for a call writing `num_new` tokens at `length`."""
+    def view(self, num_new: int, observe: int = 0) -> CacheView:
+        """The layers' view for a call writing `num_new` tokens at `length` (and sowing the queries of the last
+        `observe`)."""
         return CacheView(offset=self.length, starts=self.starts, length=self.length + num_new,
-                         block_tables=self.block_tables, columns=self.max_length, encoded=self.encoded)
+                         block_tables=self.block_tables, columns=self.max_length, encoded=self.encoded,
+                         observe=observe)
 
     def with_tokens(self, positions: jax.Array) -> "KVCache":
         """The cache with T more columns' positions [B, T] written at `length`, and `length` + T (keys and values

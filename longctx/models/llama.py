@@ -144,6 +144,8 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         if kv is not None and view.encoded:
             q, k = encoding.encode(q, k)
+            if view.observe:
+                self.sow("intermediates", "queries", q[:, -view.observe:])
             kv = tuple(view.write(cache, layer, new) for cache, new in zip(kv, (k, v)))
             out = cached_attention.encoded(q, k, v, *kv, view, layer, mask=cfg.mask, segment_ids=segment_ids,
                                            impl=cfg.attention_impl)
@@ -221,7 +223,9 @@ class Llama(nn.Module):
     LM-Infinite and Self-Extend apply their rules to cached keys), so every scheme decodes exactly as the
     full-sequence forward computes; a cache of encoded keys (schemes that `encodes_keys_once`) is attended by the
     decoding kernel (`longctx.infer.cached_attention`). `last_logits_only` returns logits of the last column only
-    ([B, 1, vocab]), which is all that a prefill needs.
+    ([B, 1, vocab]), which is all that a prefill needs. `observe` > 0 (encoded keys) sows each layer's encoded
+    queries of the last `observe` tokens into the "intermediates" collection under `queries` (apply with
+    mutable="intermediates"): SnapKV's observation window (`longctx.infer.compress`).
     """
 
     config: LlamaConfig
@@ -234,7 +238,7 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, *, train: bool = False, cache: KVCache | None = None,
-                 last_logits_only: bool = False):
+                 last_logits_only: bool = False, observe: int = 0):
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -254,7 +258,10 @@ class Llama(nn.Module):
                 raise ValueError(f"position scheme {type(self.position_scheme).__name__} re-encodes cached keys at "
                                  f"every step (its tables follow the length, or it attends in its own way); it "
                                  f"needs a cache of raw keys (KVCache encoded=False)")
-            view = cache.view(tokens.shape[1])
+            if observe and not (cache.encoded and 0 < observe <= tokens.shape[1]):
+                raise ValueError(f"observe={observe} sows encoded queries of the last new tokens: it needs a cache of "
+                                 f"encoded keys and at most the {tokens.shape[1]} new tokens")
+            view = cache.view(tokens.shape[1], observe)
             segment_ids = view.new_segment_ids(tokens.shape[1])
             cache = cache.with_tokens(positions)
             encoding = self.position_scheme(positions) if cache.encoded else self.position_scheme(positions,
@@ -265,7 +272,7 @@ class Llama(nn.Module):
         if cfg.remat != "none":
             layer = nn.remat(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
-            layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+            layers = nn.scan(layer, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})
             (x, kv), _ = layers(cfg, name="layers")((x, kv), encoding, segment_ids, view,

@@ -27,6 +27,12 @@ Caches, BTHD like the rest of pallas_kernels:
                 logical page p of sequence b (tokens p·page_size ..) lives in physical page block_tables[b, p]; only
                 the entries of pages holding visited keys are read.
 A contiguous cache is handled as the paged one with a page per sequence (page_size S, block table [[0], [1], ..]).
+With `layer`, both caches carry a leading layers axis, [num_layers, B, S, Hkv, D] or [num_layers, num_pages,
+page_size, Hkv, D] (every layer's cache in one array, as a model scanned over its layers keeps it), and the call
+attends over layer `layer` (an int32 scalar, may be traced; clipped to [0, num_layers)) exactly as if k_cache[layer],
+v_cache[layer] had been passed. The kernels read that layer in place: slicing it out first would copy the layer's
+whole cache each step (a read and a write), tripling the memory traffic of decoding. Without `layer` the cache is the
+one layer of a [1, ..] stack (a free reshape).
 
 Backends (`BACKENDS`): "triton" (Pallas Triton, any CUDA GPU), "tpu" (Pallas Mosaic TPU) and "reference" (pure jnp,
 `pallas_kernels.decode.reference`, the oracle). "auto" picks the device's kernel. What a backend cannot serve raises
@@ -47,7 +53,8 @@ MAX_NEW_TOKENS = 16  # T of q [B, T, Hq, D]: speculative / multi-token decoding,
 
 # What each backend module provides: default_block_k(problem) (None: no block fits the pages, block_k_rule says
 # why), default_num_splits(problem), unsupported_reason(problem) -> str | None, and decode(problem, q [B, T, Hq, D],
-# k_cache, v_cache, lengths, starts, block_tables) -> [B, T, Hq, D]; the kernels' decode is `split_k_decode`.
+# k_cache, v_cache [num_layers, num_pages, page_size, Hkv, D], layer int32 [1] (in range), lengths, starts,
+# block_tables) -> [B, T, Hq, D]; the kernels' decode is `split_k_decode`.
 BACKEND_MODULES = {
     "triton": "pallas_kernels.decode.triton",
     "tpu": "pallas_kernels.decode.tpu",
@@ -58,7 +65,8 @@ BACKENDS = tuple(BACKEND_MODULES)
 
 @dataclasses.dataclass(frozen=True)
 class DecodeProblem:
-    """Everything static about one call. The cache as pages: a contiguous cache is B pages of S tokens."""
+    """Everything static about one call. The cache as pages: a contiguous cache is B pages of S tokens, one of
+    num_layers layers (1 without `layer`)."""
 
     batch: int
     num_new: int  # T, new tokens per sequence
@@ -66,6 +74,7 @@ class DecodeProblem:
     num_kv_heads: int
     head_dim: int
     dtype: str
+    num_layers: int
     num_pages: int
     page_size: int
     max_pages: int  # pages per sequence (block table columns)
@@ -123,7 +132,7 @@ def _shape(x) -> tuple[int, ...]:
     return tuple(np.shape(x))
 
 
-def _check(q, k_cache, v_cache, lengths, starts, block_tables, sinks, window, scale, num_splits, block_k):
+def _check(q, k_cache, v_cache, lengths, layer, starts, block_tables, sinks, window, scale, num_splits, block_k):
     """ValueError naming the field for every malformed argument, before any work."""
     if np.ndim(q) not in (3, 4):
         raise ValueError(f"q must be [B, Hq, D] (one new token per sequence) or [B, T, Hq, D], got shape {_shape(q)}")
@@ -132,18 +141,26 @@ def _check(q, k_cache, v_cache, lengths, starts, block_tables, sinks, window, sc
                          f"flash_attention for longer queries), got T={q.shape[1]}")
     B, Hq, D = q.shape[0], q.shape[-2], q.shape[-1]
     layout = "[num_pages, page_size, Hkv, D]" if block_tables is not None else "[B, S, Hkv, D]"
+    if layer is not None:
+        layout = f"[num_layers, {layout[1:]} (layer is given)"
+        if isinstance(layer, bool) or not (isinstance(layer, (int, np.integer)) or (
+                np.ndim(layer) == 0 and getattr(layer, "dtype", None) == jnp.int32)):
+            raise ValueError(f"layer must be None, an int or an int32 scalar array, got "
+                             f"{getattr(layer, 'dtype', type(layer).__name__)} {_shape(layer)}")
+    rank = 4 if layer is None else 5
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if np.ndim(cache) != 4:
-            raise ValueError(f"{name} must be {layout}, got shape {_shape(cache)}")
+        if np.ndim(cache) != rank:
+            raise ValueError(f"{name} must be {layout}, got shape {_shape(cache)}"
+                             + (" (pass layer for a cache of every layer)" if np.ndim(cache) == 5 else ""))
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have one shape, got {k_cache.shape} and {v_cache.shape}")
-    if k_cache.shape[3] != D:
+    if k_cache.shape[-1] != D:
         raise ValueError(f"k_cache's head dim must be q's D={D}, got k_cache {k_cache.shape}")
-    Hkv = k_cache.shape[2]
+    Hkv = k_cache.shape[-2]
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"the query heads Hq={Hq} must be a multiple of the cache's kv heads Hkv={Hkv}")
-    if block_tables is None and k_cache.shape[0] != B:
-        raise ValueError(f"k_cache must be [B, S, Hkv, D] with q's batch B={B}, got {k_cache.shape} (pass "
+    if block_tables is None and k_cache.shape[-4] != B:
+        raise ValueError(f"k_cache must be {layout} with q's batch B={B}, got {k_cache.shape} (pass "
                          f"block_tables for a paged cache)")
     if not (q.dtype == k_cache.dtype == v_cache.dtype) or jnp.dtype(q.dtype).name not in DTYPES:
         raise ValueError(f"q, k_cache and v_cache must share one dtype of {', '.join(DTYPES)}; got {q.dtype}, "
@@ -175,17 +192,19 @@ def _check(q, k_cache, v_cache, lengths, starts, block_tables, sinks, window, sc
 def plan(q_shape, cache_shape, dtype, *, block_tables_shape=None, left_padded: bool = False, sinks: int = 0,
          window: int | None = None, scale: float | None = None, num_splits: int | None = None,
          block_k: int | None = None, backend: str = "auto", interpret: bool = False):
-    """The static DecodeProblem of a call and the backend module that runs it. Raises ValueError for a block_k that
-    does not fit the pages, NotImplementedError (naming the combination) for what the backend cannot do."""
+    """The static DecodeProblem of a call and the backend module that runs it; cache_shape [.., Hkv, D] with a leading
+    num_layers when rank 5. Raises ValueError for a block_k that does not fit the pages, NotImplementedError (naming
+    the combination) for what the backend cannot do."""
     if backend == "auto":
         backend = _auto_backend(interpret)
     implementation = backend_module(backend)
     B, Hq, D = q_shape[0], q_shape[-2], q_shape[-1]
     paged = block_tables_shape is not None
-    num_pages, page_size, Hkv = cache_shape[:3]
+    num_layers = cache_shape[0] if len(cache_shape) == 5 else 1
+    num_pages, page_size, Hkv = cache_shape[-4:-1]
     problem = DecodeProblem(
         batch=B, num_new=q_shape[1] if len(q_shape) == 4 else 1, num_q_heads=Hq, num_kv_heads=Hkv, head_dim=D,
-        dtype=jnp.dtype(dtype).name, num_pages=num_pages, page_size=page_size,
+        dtype=jnp.dtype(dtype).name, num_layers=num_layers, num_pages=num_pages, page_size=page_size,
         max_pages=block_tables_shape[1] if paged else 1, paged=paged, sinks=int(sinks),
         window=None if window is None else int(window), left_padded=bool(left_padded),
         scale=float(D ** -0.5 if scale is None else scale), block_k=0, num_splits=0, interpret=interpret)
@@ -300,21 +319,24 @@ def combine(out, lse):
 
 
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, *,
-                     starts: jax.Array | None = None, block_tables: jax.Array | None = None, sinks: int = 0,
-                     window: int | None = None, scale: float | None = None, num_splits: int | None = None,
-                     block_k: int | None = None, backend: str = "auto", interpret: bool = False) -> jax.Array:
+                     layer: jax.Array | int | None = None, starts: jax.Array | None = None,
+                     block_tables: jax.Array | None = None, sinks: int = 0, window: int | None = None,
+                     scale: float | None = None, num_splits: int | None = None, block_k: int | None = None,
+                     backend: str = "auto", interpret: bool = False) -> jax.Array:
     """Attention of the new token(s) of each sequence over its KV cache (module docstring: masks, caches, backends).
 
     q: [B, Hq, D], or [B, T, Hq, D] with T <= 16 new tokens (causal among themselves). k_cache, v_cache:
-    [B, S, Hkv, D], or [num_pages, page_size, Hkv, D] with block_tables int32 [B, max_pages]. lengths: int32 [B],
-    the end of each sequence's valid tokens, new ones included (values are clipped to [0, S] or
-    [0, max_pages·page_size]). starts: None (0) or int32 [B], the first valid column of each sequence in a left-padded
-    cache (values are clipped to [0, length]; columns before it are padding, never read). window: only the last
-    `window` keys of each query count; sinks: the first `sinks` valid keys count too (needs window). scale defaults to
-    1/sqrt(D). num_splits, block_k: split-K chunks per sequence and key block size (None: the backend's defaults).
+    [B, S, Hkv, D], or [num_pages, page_size, Hkv, D] with block_tables int32 [B, max_pages]; with `layer` (an int or
+    int32 scalar, may be traced) a leading num_layers axis, the call attending over k_cache[layer], v_cache[layer]
+    read in place (layer clipped to [0, num_layers)). lengths: int32 [B], the end of each sequence's valid tokens, new
+    ones included (values are clipped to [0, S] or [0, max_pages·page_size]). starts: None (0) or int32 [B], the first
+    valid column of each sequence in a left-padded cache (values are clipped to [0, length]; columns before it are
+    padding, never read). window: only the last `window` keys of each query count; sinks: the first `sinks` valid keys
+    count too (needs window). scale defaults to 1/sqrt(D). num_splits, block_k: split-K chunks per sequence and key
+    block size (None: the backend's defaults).
     Returns [B, Hq, D] (or [B, T, Hq, D]) in q's dtype, 0 for a query with no key (lengths 0, or starts past it).
     """
-    _check(q, k_cache, v_cache, lengths, starts, block_tables, sinks, window, scale, num_splits, block_k)
+    _check(q, k_cache, v_cache, lengths, layer, starts, block_tables, sinks, window, scale, num_splits, block_k)
     problem, implementation = plan(
         q.shape, k_cache.shape, q.dtype, block_tables_shape=None if block_tables is None else block_tables.shape,
         left_padded=starts is not None, sinks=sinks, window=window, scale=scale, num_splits=num_splits,
@@ -324,15 +346,18 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
         starts = jnp.zeros_like(lengths)
     if block_tables is None:  # a page per sequence
         block_tables = jnp.arange(problem.batch, dtype=jnp.int32)[:, None]
-    out = implementation.decode(problem, tokens, k_cache, v_cache, lengths, starts, block_tables)
+    if layer is None:
+        k_cache, v_cache, layer = k_cache[None], v_cache[None], 0
+    layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, problem.num_layers - 1).reshape(1)
+    out = implementation.decode(problem, tokens, k_cache, v_cache, layer, lengths, starts, block_tables)
     return out if q.ndim == 4 else out[:, 0]
 
 
-def split_k_decode(problem: DecodeProblem, tokens, k_cache, v_cache, lengths, starts, block_tables, *, partials,
-                   rows: int):
+def split_k_decode(problem: DecodeProblem, tokens, k_cache, v_cache, layer, lengths, starts, block_tables, *,
+                   partials, rows: int):
     """What a kernel backend's `decode` does: group the queries by kv head into `rows` rows, run
-    partials(problem, q [B, Hkv, rows, D], k_cache, v_cache, block_tables, visit_plan) → (out [B, Hkv, splits, rows,
-    D], lse [B, Hkv, splits, rows]) float32, combine the splits and restore [B, T, Hq, D] in the input dtype."""
-    partial_out, lse = partials(problem, _grouped_queries(problem, tokens, rows), k_cache, v_cache, block_tables,
-                                visit_plan(problem, lengths, starts))
+    partials(problem, q [B, Hkv, rows, D], k_cache, v_cache, layer, block_tables, visit_plan) → (out [B, Hkv, splits,
+    rows, D], lse [B, Hkv, splits, rows]) float32, combine the splits and restore [B, T, Hq, D] in the input dtype."""
+    partial_out, lse = partials(problem, _grouped_queries(problem, tokens, rows), k_cache, v_cache, layer,
+                                block_tables, visit_plan(problem, lengths, starts))
     return _ungrouped(problem, combine(partial_out, lse)).astype(tokens.dtype)

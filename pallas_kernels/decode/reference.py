@@ -38,10 +38,11 @@ def gather_pages(cache: jax.Array, block_tables: jax.Array) -> jax.Array:
     return pages.reshape(B, max_pages * page_size, *cache.shape[2:])
 
 
-def decode(problem: attention.DecodeProblem, q, k_cache, v_cache, lengths, starts, block_tables):
-    """q [B, T, Hq, D] → [B, T, Hq, D] in q's dtype."""
+def decode(problem: attention.DecodeProblem, q, k_cache, v_cache, layer, lengths, starts, block_tables):
+    """q [B, T, Hq, D] over layer layer[0] of k_cache, v_cache [num_layers, num_pages, page_size, Hkv, D] →
+    [B, T, Hq, D] in q's dtype."""
     B, T, Hq, D = q.shape
-    k, v = gather_pages(k_cache, block_tables), gather_pages(v_cache, block_tables)
+    k, v = gather_pages(k_cache[layer[0]], block_tables), gather_pages(v_cache[layer[0]], block_tables)
     length = jnp.clip(lengths, 0, problem.capacity)
     start = jnp.clip(starts, 0, length)[:, None, None, None]  # [B, 1, 1, 1]
     length = length[:, None, None, None]

@@ -1,16 +1,17 @@
 """The Pallas Mosaic TPU backend of decode_attention: split-K over the KV cache.
 
 Grid (B, Hkv, num_splits, steps), the last axis walking one split's share of the sequence's visited key blocks
-(`attention.visit_plan`, `split_range`). The visit plan and the block tables are scalar-prefetched into SMEM and the
-K/V index maps look the page up, so the pipeline DMAs only visited blocks; steps past the end of a split keep its
-last block (nothing fetched) and compute nothing. The running max, sum and output of the online softmax live in VMEM
-scratch across the steps, as in the flash forward (`pallas_kernels.tpu.flash`); the last step writes the split's
-normalised output and lse, and `attention.combine` merges the splits.
+(`attention.visit_plan`, `split_range`). The visit plan, the block tables and the layer are scalar-prefetched into
+SMEM and the K/V index maps look the page up, so the pipeline DMAs only visited blocks; steps past the end of a split
+keep its last block (nothing fetched) and compute nothing. The running max, sum and output of the online softmax live
+in VMEM scratch across the steps, as in the flash forward (`pallas_kernels.tpu.flash`); the last step writes the
+split's normalised output and lse, and `attention.combine` merges the splits.
 
-The cache is read in place: [pages, page_size, Hkv, D] viewed as [pages, page_size, Hkv·D] (a free reshape), a K
-block being (block_k, D) at column block h, so D must fill whole 128-lane tiles (D % 128 == 0). One program serves the
-G query heads (and T tokens) of kv head h as a [rows, D] × [D, block_k] product. V rows before the start and at or
-past the length are zeroed on the blocks holding them, so what lies there (NaN) never reaches the output.
+The cache is read in place: [layers, pages, page_size, Hkv, D] viewed as [layers, pages, page_size, Hkv·D] (a free
+reshape), a K block being (block_k, D) of the layer's page at column block h, so D must fill whole 128-lane tiles
+(D % 128 == 0). One program serves the G query heads (and T tokens) of kv head h as a [rows, D] × [D, block_k]
+product. V rows before the start and at or past the length are zeroed on the blocks holding them, so what lies there
+(NaN) never reaches the output.
 
 After jax.experimental.pallas.ops.tpu.paged_attention (block tables in SMEM, page looked up by the index map).
 """
@@ -29,7 +30,7 @@ HEAD_DIMS = (128, 256)
 LANES = 128
 LARGEST_BLOCK_K = 512  # a grid step costs ~0.35 us: 512 keys × D 128 × K and V in bfloat16 are 256 KiB per step
 block_k_rule = "tpu key blocks are multiples of 8 (the sublane tile) dividing the page size"
-PREFETCH = ("length", "start", "count", "sink_first", "sink_blocks", "window_first")
+PREFETCH = ("length", "start", "count", "sink_first", "sink_blocks", "window_first", "block_tables", "layer")
 
 
 def default_block_k(problem: attention.DecodeProblem) -> int | None:
@@ -72,16 +73,16 @@ def _visit(problem: attention.DecodeProblem, prefetch, b, split, step):
 
 
 def _kv_block_index(problem: attention.DecodeProblem, b, h, split, step, *refs):
-    prefetch = dict(zip(PREFETCH + ("block_tables",), refs))
+    prefetch = dict(zip(PREFETCH, refs))
     n, _ = _visit(problem, prefetch, b, split, step)
     kv_start = attention.visited_block(n, prefetch["sink_first"][b], prefetch["sink_blocks"][b],
                                        prefetch["window_first"][b]) * problem.block_k
     page = jnp.clip(prefetch["block_tables"][b, kv_start // problem.page_size], 0, problem.num_pages - 1)
-    return page, (kv_start % problem.page_size) // problem.block_k, h
+    return prefetch["layer"][0], page, (kv_start % problem.page_size) // problem.block_k, h
 
 
 def _kernel(*refs, problem: attention.DecodeProblem):
-    names = (*PREFETCH, "block_tables", "q", "k", "v", "out", "lse", "m", "l", "acc")
+    names = (*PREFETCH, "q", "k", "v", "out", "lse", "m", "l", "acc")
     refs = dict(zip(names, refs))
     b, split, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     bk = problem.block_k
@@ -125,15 +126,17 @@ def _kernel(*refs, problem: attention.DecodeProblem):
         refs["lse"][...] = block_math.softmax_lse(refs["m"][...], total)
 
 
-def partials(problem: attention.DecodeProblem, q, k_cache, v_cache, block_tables, visits):
-    """q [B, Hkv, rows, D] → out [B, Hkv, splits, rows, D] and lse [B, Hkv, splits, rows], float32."""
+def partials(problem: attention.DecodeProblem, q, k_cache, v_cache, layer, block_tables, visits):
+    """q [B, Hkv, rows, D] over layer layer[0] of the caches → out [B, Hkv, splits, rows, D] and lse [B, Hkv, splits,
+    rows], float32."""
     B, Hkv, rows, D = q.shape
     splits, bk = problem.num_splits, problem.block_k
     steps = -(-problem.max_visits // splits)
-    flat = (problem.num_pages, problem.page_size, Hkv * D)
-    kv_spec = pl.BlockSpec((None, bk, D), functools.partial(_kv_block_index, problem))
+    flat = (problem.num_layers, problem.num_pages, problem.page_size, Hkv * D)
+    kv_spec = pl.BlockSpec((None, None, bk, D), functools.partial(_kv_block_index, problem))
+    prefetch = {**visits, "block_tables": block_tables, "layer": layer}
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=len(PREFETCH) + 1, grid=(B, Hkv, splits, steps),
+        num_scalar_prefetch=len(PREFETCH), grid=(B, Hkv, splits, steps),
         in_specs=[pl.BlockSpec((None, None, rows, D), lambda b, h, s, t, *_: (b, h, 0, 0)), kv_spec, kv_spec],
         out_specs=[pl.BlockSpec((None, None, None, rows, D), lambda b, h, s, t, *_: (b, h, s, 0, 0)),
                    pl.BlockSpec((None, None, None, rows, LANES), lambda b, h, s, t, *_: (b, h, s, 0, 0))],
@@ -145,10 +148,10 @@ def partials(problem: attention.DecodeProblem, q, k_cache, v_cache, block_tables
                    jax.ShapeDtypeStruct((B, Hkv, splits, rows, LANES), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if problem.interpret else False, name="decode_attention_split_k",
-    )(*(visits[name] for name in PREFETCH), block_tables, q, k_cache.reshape(flat), v_cache.reshape(flat))
+    )(*(prefetch[name] for name in PREFETCH), q, k_cache.reshape(flat), v_cache.reshape(flat))
     return out, lse[..., 0]
 
 
-def decode(problem: attention.DecodeProblem, q, k_cache, v_cache, lengths, starts, block_tables):
-    return attention.split_k_decode(problem, q, k_cache, v_cache, lengths, starts, block_tables, partials=partials,
-                                    rows=padded_rows(problem))
+def decode(problem: attention.DecodeProblem, q, k_cache, v_cache, layer, lengths, starts, block_tables):
+    return attention.split_k_decode(problem, q, k_cache, v_cache, layer, lengths, starts, block_tables,
+                                    partials=partials, rows=padded_rows(problem))

@@ -5,8 +5,8 @@ padded to a power of two >= 16 for tl.dot) and loops over its share of the seque
 (`attention.visit_plan`, `split_range`): per block one page-table lookup, K and V [block_k, D] loaded once (rows
 before the start or at or past the length masked to 0 in the load, so no padding is read), scores [rows, block_k]
 masked by position, the online softmax of FlashAttention-2 in base 2. It writes its normalised output and lse;
-`attention.combine` merges the splits. The cache stays in its [pages, page_size, Hkv, D] layout: the BlockSpec picks
-kv head h and the kernel indexes (page, token) itself.
+`attention.combine` merges the splits. The cache stays in its [layers, pages, page_size, Hkv, D] layout: the BlockSpec
+picks kv head h and the kernel indexes (layer, page, token) itself, so a layer of a stacked cache is read in place.
 
 After jax.experimental.pallas.ops.gpu.decode_attention and paged_attention (split-K decoding in Pallas Triton).
 """
@@ -56,11 +56,11 @@ def _dot(problem: attention.DecodeProblem, a, b, *, trans_b=False):
     return plgpu.dot(a, b, trans_b=trans_b, precision=precision)
 
 
-def _kernel(q_ref, length_ref, start_ref, count_ref, sink_first_ref, sink_blocks_ref, window_first_ref, block_table_ref,
-            k_ref, v_ref, out_ref, lse_ref, *, problem: attention.DecodeProblem):
+def _kernel(q_ref, length_ref, start_ref, count_ref, sink_first_ref, sink_blocks_ref, window_first_ref, layer_ref,
+            block_table_ref, k_ref, v_ref, out_ref, lse_ref, *, problem: attention.DecodeProblem):
     b, split = pl.program_id(0), pl.program_id(2)
     bk, rows = problem.block_k, q_ref.shape[0]
-    length, start = length_ref[b], start_ref[b]
+    layer, length, start = layer_ref[0], length_ref[b], start_ref[b]
     sink_first, sink_blocks, window_first = sink_first_ref[b], sink_blocks_ref[b], window_first_ref[b]
     begin, end = attention.split_range(count_ref[b], split, problem.num_splits)
     q = q_ref[...]
@@ -74,8 +74,8 @@ def _kernel(q_ref, length_ref, start_ref, count_ref, sink_first_ref, sink_blocks
         span = pl.ds(pl.multiple_of(kv_start % problem.page_size, bk), bk)
         key_pos = kv_start + offsets
         present = ((key_pos >= start) & (key_pos < length))[:, None]
-        k = plgpu.load(k_ref.at[page, span, :], mask=present, other=0.0)
-        v = plgpu.load(v_ref.at[page, span, :], mask=present, other=0.0)
+        k = plgpu.load(k_ref.at[layer, page, span, :], mask=present, other=0.0)
+        v = plgpu.load(v_ref.at[layer, page, span, :], mask=present, other=0.0)
         scores = _dot(problem, q, k, trans_b=True) * (problem.scale * block_math.LOG2_E)
         scores = jnp.where(attention.allowed(problem, query_pos, key_pos[None, :], start), scores, -jnp.inf)
         p, alpha, m, l = block_math.online_softmax(scores, m, l)
@@ -92,12 +92,15 @@ def _whole(array):
     return pl.BlockSpec(array.shape, lambda *_: (0,) * array.ndim)
 
 
-def partials(problem: attention.DecodeProblem, q, k_cache, v_cache, block_tables, visits):
-    """q [B, Hkv, rows, D] → out [B, Hkv, splits, rows, D] and lse [B, Hkv, splits, rows], float32."""
+def partials(problem: attention.DecodeProblem, q, k_cache, v_cache, layer, block_tables, visits):
+    """q [B, Hkv, rows, D] over layer layer[0] of the caches → out [B, Hkv, splits, rows, D] and lse [B, Hkv, splits,
+    rows], float32."""
     B, Hkv, rows, D = q.shape
     splits = problem.num_splits
-    cache_spec = pl.BlockSpec((problem.num_pages, problem.page_size, None, D), lambda b, h, s: (0, 0, h, 0))
+    cache_spec = pl.BlockSpec((problem.num_layers, problem.num_pages, problem.page_size, None, D),
+                              lambda b, h, s: (0, 0, 0, h, 0))
     scalars = [visits[name] for name in ("length", "start", "count", "sink_first", "sink_blocks", "window_first")]
+    scalars.append(layer)
     in_specs = [pl.BlockSpec((None, None, rows, D), lambda b, h, s: (b, h, 0, 0)),
                 *(_whole(x) for x in scalars),
                 pl.BlockSpec((None, block_tables.shape[1]), lambda b, h, s: (b, 0)),
@@ -113,6 +116,6 @@ def partials(problem: attention.DecodeProblem, q, k_cache, v_cache, block_tables
     )(q, *scalars, block_tables, k_cache, v_cache)
 
 
-def decode(problem: attention.DecodeProblem, q, k_cache, v_cache, lengths, starts, block_tables):
-    return attention.split_k_decode(problem, q, k_cache, v_cache, lengths, starts, block_tables, partials=partials,
-                                    rows=padded_rows(problem))
+def decode(problem: attention.DecodeProblem, q, k_cache, v_cache, layer, lengths, starts, block_tables):
+    return attention.split_k_decode(problem, q, k_cache, v_cache, layer, lengths, starts, block_tables,
+                                    partials=partials, rows=padded_rows(problem))

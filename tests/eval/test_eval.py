@@ -15,6 +15,7 @@ import pytest
 
 from longctx import positions
 from longctx.eval import ppl, suite, write_report
+from longctx.infer.compress import Compression
 from longctx.models import init_params
 from longctx.train import train
 
@@ -199,6 +200,9 @@ def test_generation_answers_come_from_the_kv_cache(trained_run):
             break
     expected = evaluation.tokenizer.decode(tokens[len(sample.prompt):])
     assert report["passkey"]["rope"]["examples"]["passkey@300"]["prediction"] == expected
+    for cache in (dict(cache="raw"), dict(page_size=64, compression=Compression("snapkv", budget=512))):
+        again = suite.run(suite.prepare(trained_run, [300], options=dataclasses.replace(options, **cache)))
+        assert again["passkey"] == report["passkey"], f"{cache} (a budget holding every prompt keeps every token)"
 
 
 def test_task_errors_name_the_problem(trained_run, tmp_path):
@@ -223,11 +227,12 @@ def test_command_line_runs_retrieval_with_a_scheme_override(trained_run, tmp_pat
     result = subprocess.run(
         [sys.executable, "-m", "longctx.eval", f"--workdir={trained_run}", "--lengths=256,300", "--tasks=passkey",
          "--positions=yarn", "--config.model.positions.factor=8", "--depths=0,1", "--num_samples=1",
-         f"--output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+         "--kv_policy=sinks_window", "--kv_fraction=0.125", "--page_size=64", f"--output_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "## Pass-key retrieval" in result.stdout and "| yarn |" in result.stdout
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["schemes"]["yarn"]["factor"] == 8 and (tmp_path / "passkey_yarn.png").exists()
+    assert report["options"]["compression"]["policy"] == "sinks_window" and report["options"]["page_size"] == 64
 
 
 def test_longbench_files_are_evaluated_with_their_metric(trained_run, tmp_path):

@@ -11,30 +11,7 @@ import pytest
 from longctx import positions
 from longctx.infer import KVCache
 from longctx.infer.generate import Generator, empty_cache, greedy, left_padded
-from longctx.models import Llama, LlamaConfig, init_params
-
-CONFIG = LlamaConfig(vocab_size=41, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-                     head_dim=16, attention_impl="xla")
-TRAIN_LENGTH = 6  # short, so that the sequences below run well past it and every extension scheme is active
-SCHEME_PARAMS = {"softplus": {"reweight": True}, "self_extend": {"group_size": 2, "neighbor_window": 3},
-                 "lm_infinite": {"n_global": 2}}
-
-
-def scheme_model(name: str, **config) -> Llama:
-    params = dict(SCHEME_PARAMS.get(name, {}))
-    if "original_max_position_embeddings" in positions.default_params(name):
-        params.setdefault("original_max_position_embeddings", TRAIN_LENGTH)
-    scheme = positions.get(name, head_dim=CONFIG.head_dim, **params)
-    return Llama(dataclasses.replace(CONFIG, **config), position_scheme=scheme)
-
-
-def random_params(model: Llama, seed: int = 0):
-    """Initial params with every leaf perturbed, so zero-initialised ones (CLEX's ODE output) matter too."""
-    params = init_params(model, jax.random.key(seed))[0]
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-
+from tiny_models import CONFIG, random_params, scheme_model
 
 # Schemes whose tables follow the sequence length. Cached, an earlier token's hidden states (so the keys and values
 # of layers past the first) stay as computed at the length of their time, while the full forward recomputes them at
@@ -44,27 +21,34 @@ LENGTH_DEPENDENT = {name for name in positions.names()
 
 
 ENCODED = [name for name in positions.names() if scheme_model(name).position_scheme.encodes_keys_once()]
-CACHES = [(name, "raw", None) for name in positions.names()] + [(name, "encoded", None) for name in ENCODED] + [
-    ("rope", "raw", 4), ("rope", "encoded", 4), ("self_extend", "raw", 4)]
+# (scheme, cache, page size, attention_impl): encoded caches decode through the decoding kernel's reference on CPU
+# ("auto"), the Triton kernel in interpret mode ("pallas_interpret", which also prefills through the flash kernels),
+# or jax.nn.dot_product_attention over the cache ("xla").
+CACHES = ([(name, "raw", None, "xla") for name in positions.names()]
+          + [(name, "encoded", None, "auto") for name in ENCODED]
+          + [("rope", "encoded", None, "xla"), ("rope", "raw", 4, "xla"), ("self_extend", "raw", 4, "xla"),
+             ("rope", "encoded", 4, "auto"), ("yarn", "encoded", 16, "pallas_interpret")])
 
 
 def test_keys_are_encoded_once_exactly_for_fixed_tables_and_plain_attention():
     assert set(ENCODED) == {"abf", "linear", "llama3", "none", "ntk", "proportional", "rope", "yarn"}
 
 
-@pytest.mark.parametrize("name,cache_kind,page_size", CACHES)
-def test_cached_decoding_equals_the_full_forward(name, cache_kind, page_size):
+@pytest.mark.parametrize("name,cache_kind,page_size,impl", CACHES)
+def test_cached_decoding_equals_the_full_forward(name, cache_kind, page_size, impl):
     """Rows of different prompt lengths, left-padded, prefilled in chunks and decoded a token at a time: every call's
     logits equal those of the full forward over the same padded batch up to the call's last column (schemes that
     follow the length, dynamic NTK and CLEX, see the length reached so far, as in generation), for caches of raw and
-    of encoded keys, contiguous and paged. Prefill chunks of 3 and 2 columns and the decoding steps run the decoding
-    kernel's path (its jnp reference on CPU); the chunk of 17 columns the prefill path."""
-    model = scheme_model(name, num_layers=1 if name in LENGTH_DEPENDENT else CONFIG.num_layers)
+    of encoded keys, contiguous and paged. Prefill chunks of 3 and 13 columns and the decoding steps run the decoding
+    kernel's path; the chunk of 32 columns the prefill path."""
+    sizes = {"head_dim": 64} if impl == "pallas_interpret" else {}  # the Triton kernels' smallest head dim
+    model = scheme_model(name, num_layers=1 if name in LENGTH_DEPENDENT else CONFIG.num_layers, attention_impl=impl,
+                         **sizes)
     params = random_params(model)
     rng = np.random.default_rng(0)
-    sequences = [rng.integers(0, CONFIG.vocab_size, n).astype(np.int32) for n in (33, 28)]
-    prompt_lengths = (22, 2)
-    width, total = 24, 24 + 12
+    sequences = [rng.integers(0, CONFIG.vocab_size, n).astype(np.int32) for n in (70, 20)]
+    prompt_lengths = (46, 2)
+    width, total = 48, 48 + 16
     batch = left_padded([s[:n] for s, n in zip(sequences, prompt_lengths)], width, pad_id=0)
     full = {key: np.concatenate([batch[key], np.zeros((2, total - width), np.int32)], 1)
             for key in ("tokens", "positions")}
@@ -73,10 +57,11 @@ def test_cached_decoding_equals_the_full_forward(name, cache_kind, page_size):
         rest = sequence[n:n + total - width]
         full["tokens"][row, width:width + len(rest)] = rest
         full["positions"][row, width:] = n + np.arange(total - width)
-    forward = jax.jit(lambda params, tokens, pos, seg: model.apply({"params": params}, tokens, pos, seg))
+    reference = model.clone(config=dataclasses.replace(model.config, attention_impl="xla"))
+    forward = jax.jit(lambda params, tokens, pos, seg: reference.apply({"params": params}, tokens, pos, seg))
     cached = jax.jit(lambda params, cache, tokens, pos: model.apply({"params": params}, tokens, pos, cache=cache))
     cache = empty_cache(model, 2, total, starts=batch["starts"], encoded=cache_kind == "encoded", page_size=page_size)
-    for start, stop in [(0, 3), (3, 5), (5, 22), (22, 24)] + [(t, t + 1) for t in range(width, total)]:
+    for start, stop in [(0, 3), (3, 16), (16, 48)] + [(t, t + 1) for t in range(width, total)]:
         columns = [jnp.asarray(full[key][:, start:stop]) for key in ("tokens", "positions")]
         logits, cache = cached(params, cache, *columns)
         expected = forward(params, *(jnp.asarray(full[key][:, :stop]) for key in ("tokens", "positions",
@@ -144,3 +129,18 @@ def test_bad_requests_are_refused():
         KVCache.empty(num_layers=1, batch_size=1, max_length=0, num_kv_heads=1, head_dim=4)
     with pytest.raises(ValueError, match="a KV cache is for inference"):
         model.apply({"params": params}, jnp.zeros((1, 2), jnp.int32), cache=empty_cache(model, 1, 4), train=True)
+
+
+def test_a_decoding_kernel_that_cannot_serve_the_step_says_why():
+    """An explicit kernel raises (the Triton kernel has no head dim 16); "auto" decodes through the jnp reference."""
+    for impl, raises in (("pallas_interpret", True), ("auto", False)):
+        model = scheme_model("rope", attention_impl=impl)
+        params = random_params(model)
+        cache = empty_cache(model, 1, 32, encoded=True)
+        step = lambda: model.apply({"params": params}, jnp.ones((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
+                                   cache=cache)
+        if raises:
+            with pytest.raises(NotImplementedError, match="head dims"):
+                step()
+        else:
+            assert step()[0].shape == (1, 1, CONFIG.vocab_size)

@@ -1,7 +1,7 @@
 """pallas_kernels.decode_attention: every backend against a naive numpy oracle written here (float64 loops over
 sequence, token and head), on contiguous and paged caches, MHA and GQA, lengths 0, 1, off the block grid and full,
-NaN past every length, windows and sinks, several new tokens, left-padded caches (NaN before every start), bfloat16;
-and the visit plan, the lowering for GPU and TPU, and the argument checks.
+NaN past every length, windows and sinks, several new tokens, left-padded caches (NaN before every start), bfloat16,
+one layer of a stacked cache; and the visit plan, the lowering for GPU and TPU, and the argument checks.
 
 Interpret-mode classes run the Pallas kernels on CPU (make test); the compiled ones run where the device is present.
 """
@@ -161,6 +161,30 @@ class DecodeTests:
         assert out.dtype == jnp.bfloat16
         self.check(out, numpy_decode(q[:, None], k, v, lengths)[:, 0], tolerance=BF16_TOLERANCE)
 
+    @pytest.mark.parametrize("paged,sinks,window", [(False, 0, None), (True, 5, 20)])
+    def test_layer_of_a_stacked_cache(self, paged, sinks, window):
+        """Caches [3, ..] of three different layers (left-padded) with layer=l give exactly the answer of k[l], v[l],
+        eagerly and under jit with l traced (clipped: layer 7 is layer 2)."""
+        lengths, starts = (3, 17, 45, S), (20, 5, 30, 60)
+        q, _, _, lengths = _inputs(HEADS["gqa"], D=self.head_dim, lengths=lengths)
+        k, v = (np.stack(x) for x in zip(*(_inputs(HEADS["gqa"], D=self.head_dim, lengths=lengths, seed=seed)[1:3]
+                                            for seed in range(3))))
+        for b, start in enumerate(starts):
+            k[:, b, :start], v[:, b, :start] = np.nan, np.nan
+        options = dict(starts=starts, sinks=sinks, window=window)
+        if paged:
+            options["block_tables"] = jnp.asarray(_paged(k[0], lengths, 32, starts=starts)[1])
+            k, v = (np.stack([_paged(layer, lengths, 32, starts=starts)[0] for layer in x]) for x in (k, v))
+        k, v = jnp.asarray(k), jnp.asarray(v)
+        expected = {l: np.asarray(self.decode(q, k[l], v[l], lengths, **options)) for l in (0, 2)}
+        assert not np.array_equal(expected[0], expected[2])
+        attend = jax.jit(lambda k, v, layer: self.decode(q, k, v, lengths, layer=layer, **options))
+        attend_one = jax.jit(lambda k, v: self.decode(q, k, v, lengths, **options))
+        for l in (0, 2):
+            np.testing.assert_array_equal(np.asarray(self.decode(q, k, v, lengths, layer=l, **options)), expected[l])
+            np.testing.assert_array_equal(np.asarray(attend(k, v, jnp.int32(l))), np.asarray(attend_one(k[l], v[l])))
+        np.testing.assert_array_equal(np.asarray(attend(k, v, jnp.int32(7))), np.asarray(attend_one(k[2], v[2])))
+
     def test_num_splits_do_not_change_the_answer(self):
         if self.backend == "reference":
             pytest.skip("the reference has no splits")
@@ -241,23 +265,27 @@ def test_default_splits_fill_the_gpu():
     assert problem.num_splits == problem.max_visits == 1
 
 
+@pytest.mark.parametrize("layered", [False, True])
 @pytest.mark.parametrize("platform,device_kind,backend,head_dim", [
     ("cuda", "NVIDIA H100 80GB HBM3", "triton", 64), ("tpu", "TPU v5 lite", "tpu", 128)])
-def test_kernels_lower_for_their_devices(platform, device_kind, backend, head_dim):
+def test_kernels_lower_for_their_devices(platform, device_kind, backend, head_dim, layered):
     """Pallas → Triton IR and Pallas → Mosaic lowering, on CPU through an abstract device: a paged, left-padded
     bfloat16 GQA call with several tokens, a window and sinks (what the interpret tests run but the lowering can
-    refuse)."""
+    refuse); layered, a traced layer of a [3, ..] cache, read in place (no dynamic slice outside the kernel)."""
     abstract = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1,
                                            platform="gpu" if platform == "cuda" else platform)
     mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=abstract)
+    cache = ((3,) if layered else ()) + (64, 128, 8, head_dim)
     shapes = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in (
-        ((2, 3, 32, head_dim), jnp.bfloat16), ((64, 128, 8, head_dim), jnp.bfloat16),
-        ((64, 128, 8, head_dim), jnp.bfloat16), ((2,), jnp.int32), ((2,), jnp.int32), ((2, 16), jnp.int32))]
-    attend = jax.jit(lambda q, k, v, lengths, starts, tables: decode_attention(
-        q, k, v, lengths, starts=starts, block_tables=tables, sinks=4, window=1000, num_splits=4, backend=backend))
+        ((2, 3, 32, head_dim), jnp.bfloat16), (cache, jnp.bfloat16), (cache, jnp.bfloat16), ((2,), jnp.int32),
+        ((2,), jnp.int32), ((2, 16), jnp.int32), ((), jnp.int32))]
+    attend = jax.jit(lambda q, k, v, lengths, starts, tables, layer: decode_attention(
+        q, k, v, lengths, layer=layer if layered else None, starts=starts, block_tables=tables, sinks=4, window=1000,
+        num_splits=4, backend=backend))
     with jax.sharding.use_abstract_mesh(mesh):
         text = attend.trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
     assert "decode_attention_split_k" in text
+    assert "dynamic_slice" not in text
 
 
 def _valid_call():
@@ -269,6 +297,11 @@ BAD_CALLS = {
     "q_rank": (lambda c: c.update(q=c["q"][0]), ValueError, "q must be"),
     "too_many_tokens": (lambda c: c.update(q=jnp.zeros((B, 17, 8, 64))), ValueError, "T <= 16"),
     "cache_rank": (lambda c: c.update(k_cache=c["k_cache"][0]), ValueError, "k_cache must be"),
+    "cache_rank_with_layer": (lambda c: c.update(layer=1), ValueError, r"k_cache must be \[num_layers"),
+    "layers_without_layer": (lambda c: c.update(k_cache=c["k_cache"][None], v_cache=c["v_cache"][None]), ValueError,
+                             "pass layer"),
+    "layer_dtype": (lambda c: c.update(k_cache=c["k_cache"][None], v_cache=c["v_cache"][None],
+                                       layer=jnp.float32(0)), ValueError, "layer must be"),
     "k_v_shapes": (lambda c: c.update(v_cache=c["v_cache"][:, :64]), ValueError, "k_cache and v_cache"),
     "head_dim": (lambda c: c.update(q=c["q"][..., :32]), ValueError, "head dim"),
     "heads": (lambda c: c.update(q=c["q"][:, :3]), ValueError, "Hq=3"),
