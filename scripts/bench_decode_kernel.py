@@ -4,6 +4,8 @@ it runs, else XLA) in the same run, and prints JSON lines.
 
     python scripts/bench_decode_kernel.py [--quick] [--iters 20] [--steps 20] [--commit HASH] > decode.jsonl
     python scripts/bench_decode_kernel.py --interpret --quick   # CPU smoke check: tiny shapes, Pallas interpret mode
+    python scripts/bench_decode_kernel.py --shapes 1:32768:64 --num_splits 16,33,66 --block_k 64,128 --page_sizes ''
+        # a sweep: one pallas line per (block_k, num_splits), the baseline once per shape
 
 Shapes (SHAPES): a ~1B model's attention (Hq 32, Hkv 8, head dim 64 and 128, bfloat16), batch 1 and 8, 8K, 32K
 and 128K cached tokens, every sequence full. One line per (shape, implementation): microseconds per decoding step,
@@ -18,6 +20,7 @@ then timed over --iters calls with block_until_ready; the median call / steps is
 
 import argparse
 import datetime
+import functools
 import json
 import sys
 
@@ -68,26 +71,40 @@ def _baseline(q, k, v, lengths):
         return "xla", lambda *a: step(*a, "xla"), f"cudnn: {type(e).__name__}: {str(e)[:300]}"
 
 
+def _pallas(q, k, v, lengths, *, options):
+    return decode_attention(q, k, v, lengths, backend="triton", **options)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"only {QUICK_SHAPES} and page size 128")
     parser.add_argument("--interpret", action="store_true", help="Pallas interpret mode on tiny shapes (CPU check)")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--steps", type=int, default=20, help="decoding steps chained in one timed call")
-    parser.add_argument("--block_k", type=int, help="key block size (default: the backend's)")
-    parser.add_argument("--num_splits", type=int, help="split-K chunks per sequence (default: the backend's)")
+    parser.add_argument("--shapes", help="batch:cached:head_dim triples, comma-separated (default: SHAPES)")
+    parser.add_argument("--block_k", default="", help="key block sizes, comma-separated (default: the backend's)")
+    parser.add_argument("--num_splits", default="",
+                        help="split-K chunks per sequence, comma-separated (default: the backend's)")
+    parser.add_argument("--page_sizes", help="page sizes of the paged runs, comma-separated; '' for none "
+                                             f"(default {PAGE_SIZES}; --quick 128)")
     parser.add_argument("--peak_tbps", type=float, default=3.35, help="HBM bandwidth to compare with (TB/s)")
     parser.add_argument("--commit", default="unknown")
     args = parser.parse_args()
     shapes = TINY_SHAPES[:1] if args.interpret and args.quick else TINY_SHAPES if args.interpret else \
         QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(n) for n in shape.split(":")) for shape in args.shapes.split(",")]
     page_sizes = (64,) if args.interpret else (128,) if args.quick else PAGE_SIZES
+    if args.page_sizes is not None:
+        page_sizes = [int(n) for n in args.page_sizes.split(",") if n]
+    block_ks = [int(n) for n in args.block_k.split(",") if n] or [None]
+    splits = [int(n) for n in args.num_splits.split(",") if n] or [None]
+    sweep = len(block_ks) * len(splits) > 1
     iters, steps = (1, 2) if args.interpret else (args.iters, args.steps)
     header = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": args.commit,
               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "heads": NUM_Q_HEADS,
               "kv_heads": NUM_KV_HEADS, "dtype": jnp.dtype(DTYPE).name, "steps_per_call": steps}
     print(json.dumps({"header": header}), flush=True)
-    options = {"block_k": args.block_k, "num_splits": args.num_splits, "interpret": args.interpret}
     for B, S, D in shapes:
         shape = {"batch": B, "cached": S, "head_dim": D}
         keys = jax.random.split(jax.random.key(0), 3)
@@ -97,10 +114,14 @@ def main() -> None:
         kv_bytes = 2 * B * S * NUM_KV_HEADS * D * jnp.dtype(DTYPE).itemsize
         name, step, why = _baseline(q, k, v, lengths)
         runs = {name: (step, (k, v, lengths), {"note": why} if why else {})}
-        problem, _ = plan(q.shape, k.shape, DTYPE, backend="triton", **options)
-        runs["pallas_triton"] = (lambda q, k, v, lengths: decode_attention(q, k, v, lengths, backend="triton",
-                                                                           **options),
-                                 (k, v, lengths), {"block_k": problem.block_k, "num_splits": problem.num_splits})
+        for block_k in block_ks:
+            for num_splits in splits:
+                options = {"block_k": block_k, "num_splits": num_splits, "interpret": args.interpret}
+                problem, _ = plan(q.shape, k.shape, DTYPE, backend="triton", **options)
+                label = f"pallas_triton_bk{problem.block_k}_s{problem.num_splits}" if sweep else "pallas_triton"
+                runs[label] = (functools.partial(_pallas, options=options), (k, v, lengths),
+                               {"block_k": problem.block_k, "num_splits": problem.num_splits})
+        options = {"block_k": block_ks[0], "num_splits": splits[0], "interpret": args.interpret}
         for page_size in page_sizes:
             k_pages, v_pages, tables = _paged(k, v, page_size)
             problem, _ = plan(q.shape, k_pages.shape, DTYPE, block_tables_shape=tables.shape, backend="triton",

@@ -117,12 +117,7 @@ def variants(L: int) -> list[Variant]:
 def config_of(setting: Setting, overrides: dict) -> ml_collections.ConfigDict:
     """The setting's base config with `overrides` ({"section.field": value}) on top."""
     config = runpy.run_path(str(REPO / setting.config_file))["get_config"]()
-    for key, value in {**setting.base, **overrides}.items():
-        *path, field = key.split(".")
-        node = config
-        for part in path:
-            node = node[part]
-        node[field] = value
+    config.update_from_flattened_dict({**setting.base, **overrides})
     return config
 
 

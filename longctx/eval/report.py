@@ -118,7 +118,7 @@ def _line_colors(n: int):
     return plt.get_cmap("tab10" if n <= 10 else "tab20").colors
 
 
-def _finish(fig, ax, path: pathlib.Path, entries: int) -> None:
+def finish_plot(fig, ax, path: pathlib.Path, entries: int) -> None:
     """Legend (beside the plot when it has more than 6 entries, which would hide the lines), grid, save, close."""
     if entries > 6:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
@@ -151,7 +151,7 @@ def plot_ppl(report: dict[str, Any], path: pathlib.Path) -> None:
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"Perplexity vs length — {pathlib.Path(report['workdir']).name}, step {report['step']}")
-    _finish(fig, ax, path, len(schemes))
+    finish_plot(fig, ax, path, len(schemes))
 
 
 def plot_position_loss(report: dict[str, Any], path: pathlib.Path) -> None:
@@ -167,7 +167,7 @@ def plot_position_loss(report: dict[str, Any], path: pathlib.Path) -> None:
     ax.set_xlabel("token position")
     ax.set_ylabel("mean loss (nats)")
     ax.set_title(f"Loss by position at length {report['lengths'][-1]}")
-    _finish(fig, ax, path, len(schemes))
+    finish_plot(fig, ax, path, len(schemes))
 
 
 def plot_retrieval(report: dict[str, Any], path: pathlib.Path) -> None:
