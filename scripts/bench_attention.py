@@ -36,6 +36,17 @@ INTERPRET = False
 BLOCK_SIZES = None
 
 
+# HBM bandwidth in TB/s by device_kind prefix (vendor data sheets, SXM parts).
+HBM_TB_S = {"NVIDIA H100": 3.35, "NVIDIA H200": 4.8}
+
+
+def peak_hbm_tb_s(device: jax.Device, given: float | None = None) -> float | None:
+    """`given` if set, else the data-sheet HBM bandwidth of `device` (None for a device not in HBM_TB_S)."""
+    if given is not None:
+        return given
+    return next((tb for kind, tb in HBM_TB_S.items() if device.device_kind.startswith(kind)), None)
+
+
 def _median_ms(fn, args, iters: int) -> float:
     jax.block_until_ready(fn(*args))
     times = []

@@ -39,7 +39,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bench_attention import _median_ms
+from bench_attention import _median_ms, peak_hbm_tb_s
 from longctx import positions
 from longctx.infer.kv_cache import KVCache
 from longctx.models import Llama, LlamaConfig, init_params
@@ -176,7 +176,8 @@ def main() -> None:
                         help=f"prompt tokens of the prefill, 0 to skip (default {PREFILL_LENGTH}; --tiny "
                              f"{TINY_PREFILL_LENGTH})")
     parser.add_argument("--max_kv_gib", type=float, default=40.0, help="skip (batch, length) with a larger cache")
-    parser.add_argument("--peak_tb_s", type=float, default=3.35, help="HBM bandwidth to compare with (H100 SXM)")
+    parser.add_argument("--peak_tb_s", type=float,
+                        help="HBM bandwidth to compare with (default: the device's, H100 3.35, H200 4.8)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model and short lengths (CPU smoke check)")
     parser.add_argument("--commit", default="unknown")
     args = parser.parse_args()
@@ -192,10 +193,11 @@ def main() -> None:
     params = _bfloat16_params(model)
     param_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
     context = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    peak_tb_s = peak_hbm_tb_s(jax.devices()[0], args.peak_tb_s)
     header = {**context, "commit": args.commit, "date": datetime.date.today().isoformat(),
               "command": " ".join(sys.argv), "model": dataclasses.asdict(config) | {"mask": repr(config.mask)},
               "params": sum(p.size for p in jax.tree.leaves(params)), "param_gb": round(param_bytes / GB, 3),
-              "steps_per_call": args.steps, "repeats": args.repeats, "peak_tb_s": args.peak_tb_s}
+              "steps_per_call": args.steps, "repeats": args.repeats, "peak_tb_s": peak_tb_s}
     print(json.dumps({"header": header}), flush=True)
 
     prefill = None
@@ -239,7 +241,7 @@ def main() -> None:
                 print(json.dumps({**record, "ms_per_token": round(ms_per_token, 4),
                                   "tokens_per_s": round(batch / ms_per_token * 1e3, 1),
                                   "gb_per_step": round(step_bytes / GB, 4), "tb_per_s": round(tb_per_s, 4),
-                                  "fraction_of_peak": round(tb_per_s / args.peak_tb_s, 3),
+                                  "fraction_of_peak": peak_tb_s and round(tb_per_s / peak_tb_s, 3),
                                   "compile_s": round(compile_s, 1)}), flush=True)
             del cache
             entry = dict(shape)

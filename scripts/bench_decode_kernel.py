@@ -10,7 +10,7 @@ it runs, else XLA) in the same run, and prints JSON lines.
 Shapes (SHAPES): a ~1B model's attention (Hq 32, Hkv 8, head dim 64 and 128, bfloat16), batch 1 and 8, 8K, 32K
 and 128K cached tokens, every sequence full. One line per (shape, implementation): microseconds per decoding step,
 the achieved bandwidth counted on the K and V bytes a step must read (B · L · Hkv · D · 2 · itemsize / time) and its
-fraction of --peak_tbps (H100 SXM: 3.35 TB/s), and the largest difference from the baseline's output. Then one
+fraction of --peak_tbps (default: the device's; H100 SXM 3.35 TB/s, H200 4.8), and the largest difference from the baseline's output. Then one
 "summary" line per shape: baseline time / each pallas time.
 
 Timing: each implementation is jitted as a chain of --steps decoding steps in a fori_loop (each step's output is the
@@ -27,7 +27,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from bench_attention import _median_ms
+from bench_attention import _median_ms, peak_hbm_tb_s
 from pallas_kernels import decode_attention
 from pallas_kernels.decode.attention import plan
 
@@ -87,7 +87,7 @@ def main() -> None:
                         help="split-K chunks per sequence, comma-separated (default: the backend's)")
     parser.add_argument("--page_sizes", help="page sizes of the paged runs, comma-separated; '' for none "
                                              f"(default {PAGE_SIZES}; --quick 128)")
-    parser.add_argument("--peak_tbps", type=float, default=3.35, help="HBM bandwidth to compare with (TB/s)")
+    parser.add_argument("--peak_tbps", type=float, help="HBM bandwidth to compare with (TB/s; default: the device's)")
     parser.add_argument("--commit", default="unknown")
     args = parser.parse_args()
     shapes = TINY_SHAPES[:1] if args.interpret and args.quick else TINY_SHAPES if args.interpret else \
@@ -101,7 +101,8 @@ def main() -> None:
     splits = [int(n) for n in args.num_splits.split(",") if n] or [None]
     sweep = len(block_ks) * len(splits) > 1
     iters, steps = (1, 2) if args.interpret else (args.iters, args.steps)
-    header = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": args.commit,
+    peak = peak_hbm_tb_s(jax.devices()[0], args.peak_tbps)
+    header = {"peak_tb_s": peak, "device": jax.devices()[0].device_kind, "jax": jax.__version__, "commit": args.commit,
               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "heads": NUM_Q_HEADS,
               "kv_heads": NUM_KV_HEADS, "dtype": jnp.dtype(DTYPE).name, "steps_per_call": steps}
     print(json.dumps({"header": header}), flush=True)
@@ -143,7 +144,7 @@ def main() -> None:
             times[impl] = us
             tbps = kv_bytes / us / 1e6
             print(json.dumps({**record, "us": round(us, 2), "kv_gb": round(kv_bytes / 1e9, 4),
-                              "tb_per_s": round(tbps, 3), "of_peak": round(tbps / args.peak_tbps, 3),
+                              "tb_per_s": round(tbps, 3), "of_peak": peak and round(tbps / peak, 3),
                               f"max_abs_diff_vs_{name}": float(difference)}), flush=True)
         ratios = {impl: round(times[name] / us, 3) for impl, us in times.items() if impl != name and name in times}
         print(json.dumps({"summary": {**shape, f"{name}_time_over_pallas_time": ratios}}), flush=True)
