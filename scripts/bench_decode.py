@@ -45,7 +45,8 @@ from longctx.infer.kv_cache import KVCache
 from longctx.models import Llama, LlamaConfig, init_params
 
 CONFIG = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
-                     num_kv_heads=8, head_dim=64, tie_embeddings=True, dtype="bfloat16", scan_layers=True)  # 3.2-1B
+                     num_kv_heads=8, head_dim=64, tie_embeddings=True, dtype="bfloat16", scan_layers=False)  # 3.2-1B
+# Layers unrolled, as `Generator` decodes (`longctx.models.unscanned`); --scan_layers measures the scanned model.
 TINY_CONFIG = dataclasses.replace(CONFIG, vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2,
                                   num_heads=4, num_kv_heads=2)
 ROPE_THETA = 500000.0
@@ -179,9 +180,10 @@ def main() -> None:
     parser.add_argument("--peak_tb_s", type=float,
                         help="HBM bandwidth to compare with (default: the device's, H100 3.35, H200 4.8)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model and short lengths (CPU smoke check)")
+    parser.add_argument("--scan_layers", action="store_true", help="decode with the layers scanned (stacked weights)")
     parser.add_argument("--commit", default="unknown")
     args = parser.parse_args()
-    config = TINY_CONFIG if args.tiny else CONFIG
+    config = dataclasses.replace(TINY_CONFIG if args.tiny else CONFIG, scan_layers=args.scan_layers)
     lengths = [int(n) for n in (args.lengths or (TINY_LENGTHS if args.tiny else LENGTHS)).split(",")]
     batches = [int(b) for b in args.batch.split(",")]
     impls = args.impls.split(",")

@@ -24,7 +24,7 @@ import numpy as np
 from longctx.infer.compress import Compression, compress, observed_queries
 from longctx.infer.kv_cache import KVCache
 from longctx.infer.sampling import Sampling, next_tokens
-from longctx.models import Llama
+from longctx.models import Llama, unscanned
 
 logger = logging.getLogger("longctx.infer")
 WIDTH_GRANULE = 64  # prompt widths round up to a multiple of this (or of the prefill chunk): fewer compilations
@@ -107,6 +107,7 @@ class Generator:
     `sampling` (default greedy) picks each token; `seed` seeds the sampling of every `generate` call alike.
     `cache` ("auto", "encoded", "raw") and `page_size` choose the KV cache (module docstring); `compression`
     (`longctx.infer.compress`, encoded keys only) keeps a budget of each prompt's tokens after the prefill.
+    A model with scanned layers generates unscanned (`longctx.models.unscanned`: its own copy of the params).
     """
 
     def __init__(self, model: Llama, params, *, pad_id: int, prefill_chunk: int | None = None,
@@ -116,7 +117,8 @@ class Generator:
             raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
         if page_size is not None and (isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1):
             raise ValueError(f"page_size must be a positive int or None, got {page_size!r}")
-        self.model, self.params, self.pad_id = model, params, pad_id
+        self.model, self.params = unscanned(model, params)  # a decoding step reads each layer's weights in place
+        self.pad_id = pad_id
         self.encoded, self.page_size = cache_encodes_keys(model, cache), page_size
         if compression is not None and not self.encoded:
             raise ValueError(f"compression keeps encoded keys: it needs cache='encoded' (or 'auto') and a position "

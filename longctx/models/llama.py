@@ -309,6 +309,21 @@ def init_params(model: Llama, rng: jax.Array, seq_len: int = 8):
     return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
 
 
+def unscanned(model: Llama, params) -> tuple[Llama, dict]:
+    """(model, params) with the layers unrolled: a scanned model's stacked params [num_layers, ...] split into
+    layers_0 .. layers_{L-1}, and the model with scan_layers False (unchanged when it is not scanned). Same function.
+
+    For decoding: a step reads every weight once, and a scanned step slices each layer's weights out of the stack,
+    which XLA copies before the matmuls read them (three passes over the weights instead of one; measured on an H100,
+    docs/benchmarks.md). MaxText likewise decodes from unscanned checkpoints. Costs one copy of the params."""
+    if not model.config.scan_layers:
+        return model, params
+    stacked = params["layers"]
+    layers = {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(model.config.num_layers)}
+    rest = {key: value for key, value in params.items() if key != "layers"}
+    return model.clone(config=dataclasses.replace(model.config, scan_layers=False)), {**rest, **layers}
+
+
 def param_structure(model: Llama):
     """(abstract params, logical_axes) without computing anything: ShapeDtypeStructs and logical PartitionSpecs."""
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)

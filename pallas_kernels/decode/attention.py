@@ -357,7 +357,20 @@ def split_k_decode(problem: DecodeProblem, tokens, k_cache, v_cache, layer, leng
                    partials, rows: int):
     """What a kernel backend's `decode` does: group the queries by kv head into `rows` rows, run
     partials(problem, q [B, Hkv, rows, D], k_cache, v_cache, layer, block_tables, visit_plan) → (out [B, Hkv, splits,
-    rows, D], lse [B, Hkv, splits, rows]) float32, combine the splits and restore [B, T, Hq, D] in the input dtype."""
-    partial_out, lse = partials(problem, _grouped_queries(problem, tokens, rows), k_cache, v_cache, layer,
-                                block_tables, visit_plan(problem, lengths, starts))
-    return _ungrouped(problem, combine(partial_out, lse)).astype(tokens.dtype)
+    rows, D], lse [B, Hkv, splits, rows]) float32, combine the splits and restore [B, T, Hq, D] in the input dtype.
+
+    Inference only, as a custom_vjp whose backward raises. That also makes an unused call dead code: jax never
+    eliminates a bare pallas_call, and flax's nn.scan refuses a layer body holding one that reads the scan's carry
+    (it traces the body to find the broadcast variables and requires that trace to depend on no carry)."""
+    @jax.custom_vjp
+    def decode(tokens, k_cache, v_cache, layer, lengths, starts, block_tables):
+        partial_out, lse = partials(problem, _grouped_queries(problem, tokens, rows), k_cache, v_cache, layer,
+                                    block_tables, visit_plan(problem, lengths, starts))
+        return _ungrouped(problem, combine(partial_out, lse)).astype(tokens.dtype)
+
+    def backward(residuals, cotangent):
+        raise NotImplementedError("decode_attention has no gradient: it is for inference (train through "
+                                  "longctx.attention.attention or pallas_kernels.flash_attention)")
+
+    decode.defvjp(lambda *args: (decode(*args), None), backward)
+    return decode(tokens, k_cache, v_cache, layer, lengths, starts, block_tables)

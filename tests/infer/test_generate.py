@@ -27,7 +27,8 @@ ENCODED = [name for name in positions.names() if scheme_model(name).position_sch
 CACHES = ([(name, "raw", None, "xla") for name in positions.names()]
           + [(name, "encoded", None, "auto") for name in ENCODED]
           + [("rope", "encoded", None, "xla"), ("rope", "raw", 4, "xla"), ("self_extend", "raw", 4, "xla"),
-             ("rope", "encoded", 4, "auto"), ("yarn", "encoded", 16, "pallas_interpret")])
+             ("rope", "encoded", 4, "auto"), ("yarn", "encoded", 16, "pallas_interpret"),
+             ("rope", "encoded", None, "pallas_interpret")])
 
 
 def test_keys_are_encoded_once_exactly_for_fixed_tables_and_plain_attention():
@@ -41,7 +42,9 @@ def test_cached_decoding_equals_the_full_forward(name, cache_kind, page_size, im
     follow the length, dynamic NTK and CLEX, see the length reached so far, as in generation), for caches of raw and
     of encoded keys, contiguous and paged. Prefill chunks of 3 and 13 columns and the decoding steps run the decoding
     kernel's path; the chunk of 32 columns the prefill path."""
-    sizes = {"head_dim": 64} if impl == "pallas_interpret" else {}  # the Triton kernels' smallest head dim
+    # The Triton kernels' smallest head dim; layers scanned, as the GPU configs run them (a pallas_call in a scanned
+    # layer once failed flax's nn.scan).
+    sizes = {"head_dim": 64, "scan_layers": True} if impl == "pallas_interpret" else {}
     model = scheme_model(name, num_layers=1 if name in LENGTH_DEPENDENT else CONFIG.num_layers, attention_impl=impl,
                          **sizes)
     params = random_params(model)

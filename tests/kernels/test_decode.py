@@ -338,3 +338,10 @@ def test_rejects_bad_arguments_naming_the_field(name):
     change(call)
     with pytest.raises(error, match=match):
         decode_attention(**call)
+
+
+def test_the_kernels_have_no_gradient_and_say_so():
+    call = {**_valid_call(), "backend": "triton", "interpret": True}
+    loss = lambda q: decode_attention(**{**call, "q": q}).astype(jnp.float32).sum()
+    with pytest.raises(NotImplementedError, match="no gradient: it is for inference"):
+        jax.grad(loss)(call["q"])

@@ -10,7 +10,7 @@ import pytest
 
 from longctx import positions
 from longctx.attention import masks
-from longctx.models import Llama, LlamaConfig, init_params
+from longctx.models import Llama, LlamaConfig, init_params, unscanned
 
 CONFIG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=8, attention_impl="reference")
@@ -67,11 +67,13 @@ def test_scanned_layers_compute_the_same_function():
     assert params["layers"]["attn"]["q_proj"]["kernel"].shape == (2, 32, 4, 8)
     assert specs["layers"]["attn"]["q_proj"]["kernel"] == jax.sharding.PartitionSpec(
         "layers", "embed", "q_heads", "head_dim")
-    unrolled = {k: v for k, v in params.items() if k != "layers"}
-    for i in range(CONFIG.num_layers):
-        unrolled[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+    unrolled_model, unrolled = unscanned(scanned, params)
+    assert not unrolled_model.config.scan_layers and "layers" not in unrolled
+    assert jax.tree.structure(unrolled) == jax.tree.structure(init_params(make_model(), jax.random.key(0))[0])
     np.testing.assert_allclose(scanned.apply({"params": params}, tokens()),
-                               make_model().apply({"params": unrolled}, tokens()), atol=1e-5)
+                               unrolled_model.apply({"params": unrolled}, tokens()), atol=1e-5)
+    again_model, again = unscanned(unrolled_model, unrolled)
+    assert again_model is unrolled_model and again is unrolled
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
