@@ -147,3 +147,19 @@ def test_a_decoding_kernel_that_cannot_serve_the_step_says_why():
                 step()
         else:
             assert step()[0].shape == (1, 1, CONFIG.vocab_size)
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_generation_through_the_gpu_kernels_equals_rerunning_the_whole_sequence(scan_layers):
+    """The flash kernels prefill and the Triton decoding kernel decodes (impl "pallas"), over prompts of a few key
+    blocks, left-padded, prefilled in chunks; the naive loop runs jax.nn.dot_product_attention over the sequence."""
+    model = scheme_model("rope", attention_impl="pallas", head_dim=64, scan_layers=scan_layers)
+    params = random_params(model, seed=3)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(1, CONFIG.vocab_size, n).astype(np.int32) for n in (300, 37, 190)]
+    got = greedy(model, params, prompts, max_new_tokens=8, pad_id=0, batch_size=3, prefill_chunk=128,
+                 cache="encoded")
+    reference = model.clone(config=dataclasses.replace(model.config, attention_impl="xla"))
+    for prompt, continuation in zip(prompts, got):
+        np.testing.assert_array_equal(continuation, naive_greedy(reference, params, prompt, 8))
