@@ -10,8 +10,8 @@ it runs, else XLA) in the same run, and prints JSON lines.
 Shapes (SHAPES): a ~1B model's attention (Hq 32, Hkv 8, head dim 64 and 128, bfloat16), batch 1 and 8, 8K, 32K
 and 128K cached tokens, every sequence full. One line per (shape, implementation): microseconds per decoding step,
 the achieved bandwidth counted on the K and V bytes a step must read (B · L · Hkv · D · 2 · itemsize / time) and its
-fraction of --peak_tbps (default: the device's; H100 SXM 3.35 TB/s, H200 4.8), and the largest difference from the baseline's output. Then one
-"summary" line per shape: baseline time / each pallas time.
+fraction of --peak_tbps (default: the device's; H100 SXM 3.35 TB/s, H200 4.8), and the largest difference from the
+baseline's output. Then one "summary" line per shape: baseline time / each pallas time.
 
 Timing: each implementation is jitted as a chain of --steps decoding steps in a fori_loop (each step's output is the
 next step's query, so no step can be hoisted or skipped and per-call dispatch is amortised), compiled and run once,
@@ -85,8 +85,9 @@ def main() -> None:
     parser.add_argument("--block_k", default="", help="key block sizes, comma-separated (default: the backend's)")
     parser.add_argument("--num_splits", default="",
                         help="split-K chunks per sequence, comma-separated (default: the backend's)")
-    parser.add_argument("--page_sizes", help="page sizes of the paged runs, comma-separated; '' for none "
-                                             f"(default {PAGE_SIZES}; --quick 128)")
+    parser.add_argument("--page_sizes", help="page sizes of the paged runs (with the first --block_k and "
+                                             f"--num_splits), comma-separated; '' for none (default {PAGE_SIZES}; "
+                                             "--quick 128)")
     parser.add_argument("--peak_tbps", type=float, help="HBM bandwidth to compare with (TB/s; default: the device's)")
     parser.add_argument("--commit", default="unknown")
     args = parser.parse_args()
