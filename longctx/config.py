@@ -57,7 +57,9 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # Compute dtype: float32 | bfloat16 | float16. Params are always float32.
     c.model.init_std = 0.02  # Standard deviation of the normal initialiser of every weight matrix.
     c.model.scan_layers = False  # nn.scan over layers: one compiled layer, faster compiles for deep models.
-    c.model.remat = "none"  # Rematerialisation of each layer: none | full | dots (keep matmul outputs).
+    # Rematerialisation of each layer: none | full | dots (keep matmul outputs) | offload (keep matmul outputs in
+    # host memory, fetched back for the backward pass).
+    c.model.remat = "none"
     c.model.attention = ml_collections.ConfigDict()
     c.model.attention.impl = "auto"  # auto | reference | xla | cudnn | pallas | pallas_interpret (attention.dispatch).
     c.model.attention.mask = "causal"  # causal | sliding_window | sinks_window.
@@ -127,6 +129,10 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the step's bucket length.
     c.train.batch_size = 32
     c.train.grad_accum_steps = 1  # Micro-batches per step (batch_size must divide evenly); same result, less memory.
+    # Tokens of each row whose logits the loss computes at a time (longctx.train.loss.chunked_weighted_loss); must
+    # divide the sequence length. 0: all at once ([batch, seq_len, vocab] float32 logits, forward and backward).
+    c.train.loss_chunk = 0
+    c.train.donate = True  # Donate params and optimizer state to the step, which updates them in place.
     c.train.learning_rate = 3e-4  # Peak learning rate.
     c.train.warmup_steps = 500  # Linear warm-up from 0 to the peak.
     c.train.min_lr_ratio = 0.1  # Cosine decay ends at learning_rate · min_lr_ratio at `steps`.
@@ -224,6 +230,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 <= config.data.passkey_fraction < 1:
         raise ValueError(f"data.passkey_fraction must be in [0, 1), got {config.data.passkey_fraction}")
     validate_data(config.data)
+    validate_loss_chunk(config)
+
+
+def validate_loss_chunk(config: ml_collections.ConfigDict) -> None:
+    """train.loss_chunk must be an int >= 0 that divides the length of every training row."""
+    from longctx.data import pipeline
+
+    chunk = config.train.loss_chunk
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"train.loss_chunk must be an int >= 0 (0: no chunking), got {chunk!r}")
+    if chunk:
+        lengths = sorted({length for _, length in pipeline.batch_shapes(config)})
+        if any(length % chunk for length in lengths):
+            raise ValueError(f"train.loss_chunk={chunk} must divide every training row length, got rows of "
+                             f"{', '.join(map(str, lengths))} tokens")
 
 
 def validate_data(data: ml_collections.ConfigDict) -> None:

@@ -7,7 +7,8 @@ import ml_collections
 
 from longctx import positions
 from longctx.config import mask_from_config
-from longctx.models.llama import Llama, LlamaConfig, check_forward, init_params, param_structure, unscanned
+from longctx.models.llama import (Llama, LlamaConfig, check_forward, init_params, output_weights, param_structure,
+                                  unscanned)
 
 
 def build_model(model_config: ml_collections.ConfigDict, vocab_size: int, train_len: int,
@@ -72,5 +73,5 @@ def adapt_params(model: Llama, params: dict, label: str = "") -> dict:
     return {key: params[key] for key in abstract}
 
 
-__all__ = ["Llama", "adapt_params", "LlamaConfig", "build_model", "check_forward", "init_params", "param_structure",
-           "unscanned"]
+__all__ = ["Llama", "adapt_params", "LlamaConfig", "build_model", "check_forward", "init_params", "output_weights",
+           "param_structure", "unscanned"]

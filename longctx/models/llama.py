@@ -31,6 +31,7 @@ REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 
 
@@ -223,7 +224,9 @@ class Llama(nn.Module):
     LM-Infinite and Self-Extend apply their rules to cached keys), so every scheme decodes exactly as the
     full-sequence forward computes; a cache of encoded keys (schemes that `encodes_keys_once`) is attended by the
     decoding kernel (`longctx.infer.cached_attention`). `last_logits_only` returns logits of the last column only
-    ([B, 1, vocab]), which is all that a prefill needs. `observe` > 0 (encoded keys) sows each layer's encoded
+    ([B, 1, vocab]), which is all that a prefill needs. `hidden_only` returns the final-normed hidden states
+    [B, T, hidden] (compute dtype) instead of logits, for a loss that applies the output head itself
+    (`output_weights`; `longctx.train.loss.chunked_weighted_loss`). `observe` > 0 (encoded keys) sows each layer's encoded
     queries of the last `observe` tokens into the "intermediates" collection under `queries` (apply with
     mutable="intermediates"): SnapKV's observation window (`longctx.infer.compress`).
     """
@@ -238,7 +241,7 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, *, train: bool = False, cache: KVCache | None = None,
-                 last_logits_only: bool = False, observe: int = 0):
+                 last_logits_only: bool = False, hidden_only: bool = False, observe: int = 0):
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -284,6 +287,10 @@ class Llama(nn.Module):
         if last_logits_only:
             x = x[:, -1:]
         x = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, name="final_norm")(x)
+        if hidden_only:
+            if cache is not None:
+                raise ValueError("hidden_only is for training losses; it takes no KV cache")
+            return x
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
@@ -293,6 +300,12 @@ class Llama(nn.Module):
         if cache is None:
             return logits
         return logits, cache.replace(keys=kv[0], values=kv[1])
+
+
+def output_weights(params, config: LlamaConfig) -> jax.Array:
+    """The output head's float32 matrix [hidden, vocab] in `params`: lm_head's kernel, or the embedding transposed
+    when tied (logits = hidden · W, as `Llama` computes them)."""
+    return params["embed"]["embedding"].T if config.tie_embeddings else params["lm_head"]["kernel"]
 
 
 def _initialising(model: Llama) -> Llama:

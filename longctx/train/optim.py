@@ -19,13 +19,24 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
     return optax.join_schedules([warmup, decay], [train.warmup_steps])
 
 
+def decays(params) -> dict:
+    """Which params weight decay applies to: matrices, not vectors. A scanned model stacks each layer's params on a
+    leading axis (under "layers"), so there a layer's norm scale is [num_layers, hidden] and still a vector."""
+
+    def is_matrix(path, param) -> bool:
+        stacked = getattr(path[0], "key", None) == "layers"
+        return param.ndim - stacked > 1
+
+    return jax.tree_util.tree_map_with_path(is_matrix, params)
+
+
 def make_optimizer(train: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimizer of `train` (the config's train section) and its schedule. Weight decay skips vectors (norms)."""
+    """The optimizer of `train` (the config's train section) and its schedule. Weight decay skips vectors (norm
+    scales, biases), scanned layers' included (`decays`)."""
     schedule = learning_rate_schedule(train)
-    decay_matrices_only = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
     optimizer = optax.chain(
         optax.clip_by_global_norm(train.grad_clip) if train.grad_clip > 0 else optax.identity(),
         optax.adamw(schedule, b1=train.b1, b2=train.b2, eps=train.eps, weight_decay=train.weight_decay,
-                    mask=decay_matrices_only),
+                    mask=decays),
     )
     return optimizer, schedule

@@ -26,28 +26,33 @@ import optax
 
 from longctx.config import validate
 from longctx.data import load_tokenizer, padding_fraction, pipeline
-from longctx.models import Llama, adapt_params, build_model, check_forward, init_params, param_structure
+from longctx.models import (Llama, adapt_params, build_model, check_forward, init_params, output_weights,
+                            param_structure)
 from longctx.train import checkpoint, metrics
 from longctx.train.determinism import warn_if_not_reproducible
 from longctx.parallel import distributed, layout, mesh as mesh_lib
-from longctx.train.loss import next_token_targets, weighted_loss
+from longctx.train.loss import chunked_weighted_loss, next_token_targets, weighted_loss
 from longctx.train.optim import make_optimizer
 
 log = logging.getLogger("longctx.train")
 
 
-def train_step(params, opt_state, batch, rng, *, model, optimizer, grad_accum_steps):
+def train_step(params, opt_state, batch, rng, *, model, optimizer, grad_accum_steps, loss_chunk=0):
     """One optimizer update on `batch` ([batch_size, T] arrays: tokens, positions, segment_ids and the
-    `next_token_targets` targets and weights), split into `grad_accum_steps` micro-batches.
+    `next_token_targets` targets and weights), split into `grad_accum_steps` micro-batches; with `loss_chunk` > 0
+    the loss takes the logits `loss_chunk` tokens of each row at a time (`chunked_weighted_loss`).
 
     The gradient is that of the mean loss over every counted token of the whole batch, whatever the split. `rng` is
     the step's "positions" key (a scheme that samples in training, CLEX, draws from it once per step).
     """
 
     def loss_and_count(params, micro):
-        logits = model.apply({"params": params}, micro["tokens"], micro["positions"], micro["segment_ids"],
-                             train=True, rngs={"positions": rng})
-        return weighted_loss(logits, micro["targets"], micro["weights"])
+        out = model.apply({"params": params}, micro["tokens"], micro["positions"], micro["segment_ids"],
+                          train=True, hidden_only=loss_chunk > 0, rngs={"positions": rng})
+        if loss_chunk:
+            return chunked_weighted_loss(out, output_weights(params, model.config), micro["targets"],
+                                         micro["weights"], loss_chunk)
+        return weighted_loss(out, micro["targets"], micro["weights"])
 
     grad_fn = jax.value_and_grad(loss_and_count, has_aux=True)
 
@@ -218,7 +223,9 @@ def _fit(run: Run, optimizer, schedule, params, opt_state) -> list[dict]:
 
     positions_key = jax.random.fold_in(jax.random.key(config.seed), 1)  # the step's key follows from its number
     step_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
-                                        grad_accum_steps=config.train.grad_accum_steps), donate_argnums=(0, 1))
+                                        grad_accum_steps=config.train.grad_accum_steps,
+                                        loss_chunk=config.train.loss_chunk),
+                      donate_argnums=(0, 1) if config.train.donate else ())
     main = distributed.is_main_process()
     metrics_log = metrics.MetricsLog(
         workdir / checkpoint.METRICS_FILE, resume_step=start_step,

@@ -76,7 +76,7 @@ def test_scanned_layers_compute_the_same_function():
     assert again_model is unrolled_model and again is unrolled
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "offload"])
 def test_remat_changes_memory_not_results(remat):
     plain, rematted = make_model(), make_model(remat=remat)
     params, _ = init_params(plain, jax.random.key(0))
@@ -120,7 +120,7 @@ def test_position_scheme_params_would_live_under_positions():
 @pytest.mark.parametrize("field,value,message", [
     ("num_kv_heads", 3, r"model.num_heads \(4\) must be a multiple of model.num_kv_heads \(3\)"),
     ("dtype", "float64", r"model.dtype must be one of float32, bfloat16, float16"),
-    ("remat", "some", r"model.remat must be one of none, full, dots"),
+    ("remat", "some", r"model.remat must be one of none, full, dots, offload"),
     ("hidden_size", 0, r"model.hidden_size must be a positive int"),
 ])
 def test_config_errors_name_the_field(field, value, message):
