@@ -1,5 +1,6 @@
 """Training on a mesh of 8 CPU devices: a step with data, fsdp, tensor and sequence parallelism (every context
-strategy and layout among the cases) gives the losses of the same run on one device; the mesh and its sharding
+strategy and layout among the cases, and the chunked loss over a split sequence) gives the losses of the same run
+on one device; the mesh and its sharding
 rules refuse what cannot be split, naming the field."""
 
 import jax
@@ -17,6 +18,7 @@ MESHES = {
         "parallel.layout": "striped"},
     "data2_sequence4_ring_bidirectional_zigzag": {"parallel.data": 2, "parallel.sequence": 4,
                                                   "parallel.context": "ring_bidirectional"},
+    "data2_sequence4_ring_zigzag_chunked_loss": {"parallel.data": 2, "parallel.sequence": 4, "train.loss_chunk": 8},
     "sequence4_ulysses_contiguous": {"parallel.data": 1, "parallel.sequence": 4, "parallel.context": "ulysses",
                                      "parallel.layout": "contiguous"},
 }
