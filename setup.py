@@ -37,7 +37,9 @@ setuptools.setup(
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         # tfds data sets stored as TFRecord (not ArrayRecord) are read through tfds.load, which needs TensorFlow.
         "tfds": ["tensorflow>=2.16"],
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "tensorboardX>=2.6"],
+        # nbclient, nbformat and ipykernel run the notebooks of experiments/notebooks in the tests.
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "tensorboardX>=2.6", "nbclient>=0.10", "nbformat>=5.10",
+                "ipykernel>=6.29"],
     },
     entry_points={
         "console_scripts": [
