@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.flax import save_file
 
 from longctx.attention import masks
-from longctx.models.llama import Llama, LlamaConfig, init_params
+from longctx.models.llama import Llama, LlamaConfig, init_params, unscanned
 from longctx.positions import from_hf_config, hf_rope_fields
 from longctx.positions.hf import hf_head_dim, rope_parameters
 
@@ -248,13 +248,13 @@ def save(model: Llama, params: dict, path: str | pathlib.Path, *, max_position_e
          max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
     """Writes `model` and `params` as an HF directory (config.json, safetensors in `dtype`, sharded past
     `max_shard_bytes` with an index) that transformers loads. `max_position_embeddings` defaults to the scheme's
-    length where it has one; `extra_config` adds fields (token ids, ...). An existing non-empty directory is
+    length where it has one; `extra_config` adds fields (token ids, ...); a scanned model's stacked layers are
+    written layer by layer. An existing non-empty directory is
     refused unless `overwrite`. Everything is checked before anything is written."""
     path = pathlib.Path(path)
     if dtype not in SAVE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
-    if model.config.scan_layers:
-        raise NotImplementedError("save needs per-layer params (model.scan_layers=False)")
+    model, params = unscanned(model, params)  # HF stores each layer's weights apart
     config = {**hf_config_of(model, max_position_embeddings=max_position_embeddings, dtype=dtype),
               **(extra_config or {})}
     tensors = {name: jnp.asarray(value, SAVE_DTYPES[dtype]) for name, value in hf_tensors(params, model.config).items()}

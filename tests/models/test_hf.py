@@ -3,6 +3,7 @@
 Tolerance: float32 logits within 1e-4 of transformers' (measured: below 1e-5 on CPU; logits are of order 4).
 """
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -110,6 +112,19 @@ def test_sharded_save_writes_an_index_that_loads(tmp_path):
     assert len(files) > 3 and set(index["weight_map"].values()) == {f.name for f in files}
     again, again_params = hf.load(saved, attention_impl="xla")
     assert_logits_match(again, again_params, "llama")
+
+
+def test_a_scanned_model_saves_the_tensors_of_its_unrolled_twin(tmp_path):
+    model, params = hf.load(FIXTURES / "models" / "llama")
+    layers = [params[f"layers_{i}"] for i in range(model.config.num_layers)]
+    stacked = {**{k: v for k, v in params.items() if not k.startswith("layers_")},
+               "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+    scanned = model.clone(config=dataclasses.replace(model.config, scan_layers=True))
+    unrolled = read_all(hf.save(model, params, tmp_path / "unrolled", max_position_embeddings=16))
+    written = read_all(hf.save(scanned, stacked, tmp_path / "scanned", max_position_embeddings=16))
+    assert sorted(written) == sorted(unrolled)
+    for key in unrolled:
+        assert np.array_equal(written[key], unrolled[key]), key
 
 
 def test_save_refuses_what_hf_cannot_hold_and_a_used_directory(tmp_path):
