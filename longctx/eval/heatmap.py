@@ -6,12 +6,9 @@ yellow to green (1), each cell labelled with its score; cells never measured (Na
 from collections.abc import Sequence
 import pathlib
 
-import matplotlib
-
-matplotlib.use("Agg")
-from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from matplotlib.colors import LinearSegmentedColormap
+import matplotlib.pyplot as plt
+import numpy as np
 
 KAMRADT_COLORS = ["#F0496E", "#EBB839", "#0CD79F"]  # score 0 → 1
 NOT_MEASURED_COLOR = "lightgray"

@@ -11,14 +11,11 @@ import pathlib
 import re
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from longctx.eval import heatmap  # noqa: E402
-from longctx.train.checkpoint import REPORT_FILES, report_files  # noqa: E402
+from longctx.eval import heatmap
+from longctx.train.checkpoint import REPORT_FILES, report_files
 
 REPORT_JSON, REPORT_MD, PPL_PLOT = REPORT_FILES
 POSITION_PLOT = "loss_vs_position.png"
