@@ -30,9 +30,10 @@ def execute(name: str, size: str | None, workdir: pathlib.Path, timeout_s: int =
         nbclient.NotebookClient(notebook, timeout=timeout_s, kernel_name="python3",
                                 resources={"metadata": {"path": str(workdir)}}).execute()
     finally:
-        if size:
-            os.environ.pop("LONGCTX_NOTEBOOK_SIZE") if previous is None else os.environ.update(
-                LONGCTX_NOTEBOOK_SIZE=previous)
+        if previous is None:
+            os.environ.pop("LONGCTX_NOTEBOOK_SIZE", None)
+        else:
+            os.environ["LONGCTX_NOTEBOOK_SIZE"] = previous
     return notebook
 
 

@@ -226,8 +226,8 @@ class Llama(nn.Module):
     decoding kernel (`longctx.infer.cached_attention`). `last_logits_only` returns logits of the last column only
     ([B, 1, vocab]), which is all that a prefill needs. `hidden_only` returns the final-normed hidden states
     [B, T, hidden] (compute dtype) instead of logits, for a loss that applies the output head itself
-    (`output_weights`; `longctx.train.loss.chunked_weighted_loss`). `observe` > 0 (encoded keys) sows each layer's encoded
-    queries of the last `observe` tokens into the "intermediates" collection under `queries` (apply with
+    (`output_weights`; `longctx.train.loss.chunked_weighted_loss`). `observe` > 0 (encoded keys) sows each layer's
+    encoded queries of the last `observe` tokens into the "intermediates" collection under `queries` (apply with
     mutable="intermediates"): SnapKV's observation window (`longctx.infer.compress`).
     """
 

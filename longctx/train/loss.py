@@ -50,8 +50,8 @@ def weighted_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array):
 def chunked_weighted_loss(hidden: jax.Array, output: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int):
     """`weighted_loss` of the logits hidden · output, computed `chunk` tokens of each row at a time, so that only
     [B, chunk, V] logits exist at once, forward and backward (each chunk's logits are recomputed for its gradient:
-    `jax.checkpoint`). The memory of [B, T, V] float32 logits — 16 GiB for one 32K row of a 128K vocabulary — becomes
-    that of a chunk, for one more matmul over the head in the backward pass.
+    `jax.checkpoint`). The memory of [B, T, V] float32 logits — 16 GiB for one 32K row of a 128K vocabulary —
+    becomes that of a chunk, for one more matmul over the head in the backward pass.
 
     hidden [B, T, E] (the model's final-normed states, compute dtype: `Llama(hidden_only=True)`), output [E, V]
     (`longctx.models.output_weights`, cast to hidden's dtype as the model's head casts it), targets and weights

@@ -16,7 +16,8 @@ HAND = dataclasses.replace(CONFIG, vocab_size=10, hidden_size=4, intermediate_si
 
 
 def test_matmul_params_counted_by_hand():
-    # per layer: q 4·(2·2) = 16, k 4·2 = 8, v 8, o (2·2)·4 = 16; MLP 3 · 4·6 = 72 → 120; 2 layers 240; head 10·4 = 40
+    # per layer: q 4·(2·2) = 16, k 4·2 = 8, v 8, o (2·2)·4 = 16; MLP 3 · 4·6 = 72 → 120;
+    # 2 layers 240; head 10·4 = 40
     assert flops.matmul_params(HAND) == 280
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from longctx.config import validate
 from longctx.data import load_tokenizer
-from longctx.models import build_model, init_params, output_weights
+from longctx.models import build_model, init_params, output_weights, unscanned
 from longctx.train.loss import chunked_weighted_loss, next_token_targets, weighted_loss
 from longctx.train.optim import make_optimizer
 from longctx.train.trainer import make_train_iterator, train_step
@@ -30,11 +30,11 @@ def run_steps(config, batch, *, loss_chunk=0, donate=True):
     """(losses, params) after STEPS updates on `batch` from the same initial params."""
     model = build_model(config.model, load_tokenizer(config.data.tokenizer).vocab_size, config.data.seq_len)
     optimizer, _ = make_optimizer(config.train)
-    unrolled = model.clone(config=dataclasses.replace(model.config, scan_layers=False, remat="none"))
-    params = init_params(unrolled, jax.random.key(0))[0]  # the same initial values, stacked below when scanned
-    if config.model.scan_layers:
-        layers = [params.pop(f"layers_{i}") for i in range(config.model.num_layers)]
-        params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    # Every run starts from the same values: a scanned model's initial params, unrolled for an unrolled model.
+    scanned = model.clone(config=dataclasses.replace(model.config, scan_layers=True, remat="none"))
+    params = init_params(scanned, jax.random.key(0))[0]
+    if not config.model.scan_layers:
+        params = unscanned(scanned, params)[1]
     step = jax.jit(lambda p, o, b: train_step(p, o, b, jax.random.key(1), model=model, optimizer=optimizer,
                                               grad_accum_steps=1, loss_chunk=loss_chunk),
                    donate_argnums=(0, 1) if donate else ())
@@ -42,11 +42,7 @@ def run_steps(config, batch, *, loss_chunk=0, donate=True):
     for _ in range(STEPS):
         params, opt_state, metrics = step(params, opt_state, batch)
         losses.append(float(metrics["loss"]))
-    if config.model.scan_layers:
-        stacked = params.pop("layers")
-        params.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
-                       for i in range(config.model.num_layers)})
-    return np.array(losses), params
+    return np.array(losses), unscanned(model, params)[1]
 
 
 @pytest.fixture(scope="module")
