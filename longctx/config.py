@@ -58,7 +58,9 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.init_std = 0.02  # Standard deviation of the normal initialiser of every weight matrix.
     c.model.scan_layers = False  # nn.scan over layers: one compiled layer, faster compiles for deep models.
     # Rematerialisation of each layer: none | full | dots (keep matmul outputs) | offload (keep matmul outputs in
-    # host memory, fetched back for the backward pass).
+    # host memory, fetched back for the backward pass) | attention (keep only the Pallas flash kernels' output and
+    # log-sum-exp, so the backward does not re-run the forward kernel) | dots_attention (both). With another attention
+    # impl, attention keeps nothing and dots_attention is dots.
     c.model.remat = "none"
     c.model.attention = ml_collections.ConfigDict()
     c.model.attention.impl = "auto"  # auto | reference | xla | cudnn | pallas | pallas_interpret (attention.dispatch).

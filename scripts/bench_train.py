@@ -9,9 +9,9 @@ MLP 8192) with its 128,256-token vocabulary (--vocab; the byte vocabulary of the
 vanish, which flatters no one), untied head, bfloat16 compute, float32 params and AdamW state. Each case is one
 setting of the switches that decide speed and memory:
 
-    seq_len, batch (rows per step), remat (none | full | dots | offload), impl (model.attention.impl),
-    scan (1: layers under nn.scan), loss_chunk (train.loss_chunk; 0: whole logits), donate (1: params and optimizer
-    state donated)
+    seq_len, batch (rows per step), remat (model.remat: none | full | dots | offload | attention | dots_attention),
+    impl (model.attention.impl), scan (1: layers under nn.scan), loss_chunk (train.loss_chunk; 0: whole logits),
+    donate (1: params and optimizer state donated)
 
 and runs in a process of its own, so that each has a clean peak-memory counter and an out-of-memory error ends only
 its case. A case builds the real training step (`longctx.train.trainer.train_step`, on the config's mesh over every
@@ -19,7 +19,8 @@ device), compiles it, runs one step, then --steps timed steps (each waited for),
 tokens, one document per row. Its JSON line gives the median step time, tokens/s, model TFLOP/s per device and MFU
 with the formula it used (`longctx.train.flops`: 6·N·tokens plus causal attention counted at half, no remat
 recompute), the compiled step's memory (XLA's analysis) and the device's peak bytes in use, the compile time and
-the loss. --profile DIR writes a jax profiler trace of three further steps per case under DIR/<case>.
+the loss. --profile DIR writes a jax profiler trace of three further steps per case under DIR/<case>, and adds to
+the line the device time per step by kind of kernel and the 15 longest kernels (scripts/device_trace.py).
 
 XLA flags: the script leaves XLA_FLAGS as it finds them; on one GPU there is no collective to overlap, and the
 flags used for a run are recorded in its line.
@@ -40,8 +41,11 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+import device_trace  # noqa: E402
 
 LLAMA_VOCAB = 128_256  # Llama 3's tokenizer
+PROFILED_STEPS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +153,17 @@ def run_case(case: Case, args) -> dict:
             times.append(time.perf_counter() - start)
         if args.profile:
             trace_dir = pathlib.Path(args.profile) / case.name.replace(",", "_").replace("=", "")
-            with jax.profiler.trace(str(trace_dir)):
-                for _ in range(3):
+            with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+                for _ in range(PROFILED_STEPS):
                     params, opt_state, metrics = compiled(params, opt_state, batch, key)
                 jax.block_until_ready(metrics)
             line["trace"] = str(trace_dir)
+            kernels = device_trace.kernel_times(trace_dir)
+            line["device_ms_per_step"] = round(sum(kernels.values()) / PROFILED_STEPS / 1e3, 1)
+            line["ms_per_step_by_kind"] = {kind: round(us / PROFILED_STEPS / 1e3, 1)
+                                           for kind, us in device_trace.by_kind(kernels).items()}
+            line["top_kernels_ms_per_step"] = {name[:100]: round(us / PROFILED_STEPS / 1e3, 2)
+                                               for name, us in kernels.most_common(15)}
     step_s = statistics.median(times)
     counted = flops.step_flops(model.config, case.seq_len, case.batch)
     peak = flops.peak_flops(device.device_kind, args.peak_tflops and args.peak_tflops * 1e12)

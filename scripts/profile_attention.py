@@ -8,8 +8,6 @@ Cases are those of scripts/attention_cases.py; an impl is a pallas_kernels backe
 """
 
 import argparse
-import collections
-import gzip
 import json
 import pathlib
 import sys
@@ -20,22 +18,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import attention_cases  # noqa: E402
+import device_trace  # noqa: E402
 from bench_attention import segments_of  # noqa: E402
 
 from pallas_kernels import flash_attention  # noqa: E402
-
-
-def _device_kernel_times(trace_dir: pathlib.Path) -> dict[str, float]:
-    """Total microseconds per event name on GPU device rows of the perfetto trace the profiler wrote."""
-    (path,) = trace_dir.rglob("*.trace.json.gz")
-    events = json.loads(gzip.open(path).read())["traceEvents"]
-    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                   and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
-    totals = collections.Counter()
-    for event in events:
-        if event.get("ph") == "X" and event.get("pid") in device_pids:
-            totals[event["name"]] += event.get("dur", 0.0)
-    return totals
 
 
 def main() -> None:
@@ -62,7 +48,7 @@ def main() -> None:
             with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
                 for _ in range(args.iters):
                     jax.block_until_ready(step(q, k, v, dout))
-            totals = _device_kernel_times(pathlib.Path(trace_dir))
+            totals = device_trace.kernel_times(pathlib.Path(trace_dir))
         for name, microseconds in totals.most_common(8):
             print(json.dumps({"case": case.name, "impl": impl, "kernel": name[:120],
                               "ms_per_call": round(microseconds / args.iters / 1e3, 3)}), flush=True)

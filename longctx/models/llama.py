@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.flash import attention as flash_attention_lib
+
 from longctx.attention import attention, masks
 from longctx.infer import cached_attention
 from longctx.infer.kv_cache import CacheView, KVCache
@@ -27,11 +29,17 @@ from longctx.parallel import context
 from longctx.positions import PositionEncoding, PositionScheme
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The flash kernels' forward outputs (out and log-sum-exp), saved so the backward does not re-run the forward kernel.
+_FLASH_OUTPUTS = jax.checkpoint_policies.save_only_these_names(flash_attention_lib.OUTPUT_NAME,
+                                                               flash_attention_lib.STATS_NAME)
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    "attention": _FLASH_OUTPUTS,
+    "dots_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _FLASH_OUTPUTS),
 }
 
 

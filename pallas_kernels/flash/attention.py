@@ -21,6 +21,7 @@ import importlib
 from typing import Protocol
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,6 +30,10 @@ from pallas_kernels.flash import layout as layout_lib
 from pallas_kernels.flash import normalizers
 
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# checkpoint_name of the forward's output and of its row statistics (lse): a remat policy that saves both keeps
+# the backward from re-running the forward kernel (see `_flash`).
+OUTPUT_NAME = "flash_attention_out"
+STATS_NAME = "flash_attention_stats"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,18 +263,43 @@ def flash_attention_backward(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _flash(problem, implementation, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids):
-    out, stats = implementation.forward(problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids)
+    """The forward kernel, then `_with_gradient` to differentiate it.
+
+    The kernel runs outside the custom_vjp, and its outputs carry the names `OUTPUT_NAME` and `STATS_NAME`: under
+    `jax.checkpoint` a policy that saves them (e.g. `save_only_these_names`) keeps out and the log-sum-exp for the
+    backward, which then never re-runs the forward kernel. (Inside a custom_vjp the kernel would be re-run to rebuild
+    the residuals whatever the policy saved.)
+    """
+    out, stats = _forward(problem, implementation, *jax.lax.stop_gradient((q, k, v, row_scale, col_scale)),
+                          q_segment_ids, kv_segment_ids)
+    out = checkpoint_name(out, OUTPUT_NAME)
+    stats = tuple(checkpoint_name(s, STATS_NAME) for s in stats)
+    return _with_gradient(problem, implementation, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids,
+                          out, stats)
+
+
+# Under jit, so that the rematerialised copy of a forward whose outputs a remat policy saved is dead code that jax
+# removes: jax never removes an unused pallas_call itself, but it does remove a jit call whose outputs go unused.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(problem, implementation, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids):
+    return implementation.forward(problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _with_gradient(problem, implementation, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids, out,
+                   stats):
+    """(out, lse) as given; its backward is the attention's, from the forward's out and statistics."""
+    del problem, implementation, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids
     return out, stats[0]
 
 
-def _flash_forward(problem, implementation, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids):
-    out, stats = implementation.forward(problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids)
+def _with_gradient_forward(problem, implementation, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids,
+                           out, stats):
     return (out, stats[0]), (q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids, out, stats)
 
 
-def _flash_backward(problem, implementation, residuals, cotangents):
+def _with_gradient_backward(problem, implementation, residuals, cotangents):
     q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids, out, stats = residuals
     dout, dlse = cotangents
     delta = jnp.einsum("bthd,bthd->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
@@ -277,8 +307,9 @@ def _flash_backward(problem, implementation, residuals, cotangents):
         delta = delta - dlse
     dq, dk, dv, drow, dcol = implementation.backward(problem, q, k, v, row_scale, col_scale, q_segment_ids,
                                                      kv_segment_ids, stats, delta, dout)
-    return dq, dk, dv, drow, dcol, None, None
+    # out and stats come from the stop_gradient-ed forward: their cotangents go nowhere.
+    return dq, dk, dv, drow, dcol, None, None, None, None
 
 
-_flash.defvjp(_flash_forward, _flash_backward)
+_with_gradient.defvjp(_with_gradient_forward, _with_gradient_backward)
 

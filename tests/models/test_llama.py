@@ -4,6 +4,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,7 +77,7 @@ def test_scanned_layers_compute_the_same_function():
     assert again_model is unrolled_model and again is unrolled
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "offload"])
+@pytest.mark.parametrize("remat", ["full", "dots", "offload", "attention", "dots_attention"])
 def test_remat_changes_memory_not_results(remat):
     plain, rematted = make_model(), make_model(remat=remat)
     params, _ = init_params(plain, jax.random.key(0))
@@ -87,6 +88,40 @@ def test_remat_changes_memory_not_results(remat):
     (value, grads), (value_remat, grads_remat) = loss(plain), loss(rematted)
     np.testing.assert_allclose(value, value_remat, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, grads_remat)
+
+
+@pytest.mark.parametrize("remat", ["attention", "dots_attention"])
+def test_remat_keeping_the_flash_outputs_runs_the_forward_kernel_once(remat):
+    """Under the policies that save the flash kernels' out and lse, the gradient equals the plain one and each layer's
+    forward kernel runs once; under "full" it runs again in the backward."""
+    plain = make_model(attention_impl="pallas_interpret", head_dim=16)
+    params, _ = init_params(plain, jax.random.key(0))
+
+    def gradient(model):
+        return jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, tokens(1, 16)) ** 2))
+
+    (value, grads), (value_remat, grads_remat) = (gradient(plain)(params),
+                                                  gradient(make_model(attention_impl="pallas_interpret", head_dim=16,
+                                                                      remat=remat))(params))
+    np.testing.assert_allclose(value, value_remat, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, grads_remat)
+
+    def kernel_calls(jaxpr: jax.extend.core.Jaxpr) -> list[str]:
+        names = []
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                names.append(eqn.params["name"])
+            for param in eqn.params.values():
+                if isinstance(param, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+                    names += kernel_calls(getattr(param, "jaxpr", param))
+        return names
+
+    def forward_kernels(remat):
+        model = make_model(attention_impl="pallas_interpret", head_dim=16, remat=remat)
+        return kernel_calls(jax.make_jaxpr(gradient(model))(params).jaxpr).count("flash_forward")
+
+    assert forward_kernels(remat) == CONFIG.num_layers
+    assert forward_kernels("full") == 2 * CONFIG.num_layers
 
 
 @pytest.mark.parametrize("scheme", ["rope", "none"])
