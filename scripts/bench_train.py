@@ -11,7 +11,8 @@ setting of the switches that decide speed and memory:
 
     seq_len, batch (rows per step), remat (model.remat: none | full | dots | offload | attention | dots_attention),
     impl (model.attention.impl), scan (1: layers under nn.scan), loss_chunk (train.loss_chunk; 0: whole logits),
-    donate (1: params and optimizer state donated)
+    donate (1: params and optimizer state donated), segments (1: the attention is given segment ids, as in packed
+    training; 0: none, which lets cuDNN serve impl=auto and spares the kernels the segment mask)
 
 and runs in a process of its own, so that each has a clean peak-memory counter and an out-of-memory error ends only
 its case. A case builds the real training step (`longctx.train.trainer.train_step`, on the config's mesh over every
@@ -57,6 +58,7 @@ class Case:
     scan: int = 1
     loss_chunk: int = 0
     donate: int = 1
+    segments: int = 1
 
     @classmethod
     def parse(cls, text: str) -> "Case":
@@ -128,6 +130,7 @@ def run_case(case: Case, args) -> dict:
     num_params = sum(x.size for x in jax.tree.leaves(params))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, vocab, (case.batch, case.seq_len), dtype=np.int32)
+    # One document per row. The model is given segment ids (as packed training gives them) unless segments=0.
     host = {"tokens": tokens, "segment_ids": np.ones_like(tokens),
             "positions": np.broadcast_to(np.arange(case.seq_len, dtype=np.int32), tokens.shape).copy()}
     step = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, grad_accum_steps=1,
@@ -136,6 +139,8 @@ def run_case(case: Case, args) -> dict:
     key = jax.random.key(0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_RULES):
         batch = device_batch(host, config, mesh)
+        if not case.segments:
+            del batch["segment_ids"]
         start = time.perf_counter()
         compiled = step.lower(params, opt_state, batch, key).compile()
         compile_s = time.perf_counter() - start
@@ -158,12 +163,14 @@ def run_case(case: Case, args) -> dict:
                     params, opt_state, metrics = compiled(params, opt_state, batch, key)
                 jax.block_until_ready(metrics)
             line["trace"] = str(trace_dir)
-            kernels = device_trace.kernel_times(trace_dir)
+            kernels, calls = device_trace.kernel_calls(trace_dir)
             line["device_ms_per_step"] = round(sum(kernels.values()) / PROFILED_STEPS / 1e3, 1)
             line["ms_per_step_by_kind"] = {kind: round(us / PROFILED_STEPS / 1e3, 1)
                                            for kind, us in device_trace.by_kind(kernels).items()}
             line["top_kernels_ms_per_step"] = {name[:100]: round(us / PROFILED_STEPS / 1e3, 2)
                                                for name, us in kernels.most_common(15)}
+            line["top_kernels_calls_per_step"] = {name[:100]: calls[name] / PROFILED_STEPS
+                                                  for name, _ in kernels.most_common(15)}
     step_s = statistics.median(times)
     counted = flops.step_flops(model.config, case.seq_len, case.batch)
     peak = flops.peak_flops(device.device_kind, args.peak_tflops and args.peak_tflops * 1e12)

@@ -25,15 +25,21 @@ OTHER = "other XLA kernels (elementwise, reductions, optimizer)"
 
 def kernel_times(trace_dir: pathlib.Path) -> collections.Counter:
     """Total microseconds per event name on the GPU device rows of the trace under `trace_dir`."""
+    return kernel_calls(trace_dir)[0]
+
+
+def kernel_calls(trace_dir: pathlib.Path) -> tuple[collections.Counter, collections.Counter]:
+    """(total microseconds, number of calls) per event name on the GPU device rows of the trace under `trace_dir`."""
     (path,) = pathlib.Path(trace_dir).rglob("*.trace.json.gz")
     events = json.loads(gzip.open(path).read())["traceEvents"]
     device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                    and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
-    totals = collections.Counter()
+    totals, calls = collections.Counter(), collections.Counter()
     for event in events:
         if event.get("ph") == "X" and event.get("pid") in device_pids:
             totals[event["name"]] += event.get("dur", 0.0)
-    return totals
+            calls[event["name"]] += 1
+    return totals, calls
 
 
 def kind_of(kernel: str) -> str:

@@ -38,16 +38,17 @@ log = logging.getLogger("longctx.train")
 
 
 def train_step(params, opt_state, batch, rng, *, model, optimizer, grad_accum_steps, loss_chunk=0):
-    """One optimizer update on `batch` ([batch_size, T] arrays: tokens, positions, segment_ids and the
-    `next_token_targets` targets and weights), split into `grad_accum_steps` micro-batches; with `loss_chunk` > 0
-    the loss takes the logits `loss_chunk` tokens of each row at a time (`chunked_weighted_loss`).
+    """One optimizer update on `batch` ([batch_size, T] arrays: tokens, positions, segment_ids (optional: without
+    them each row is one document) and the `next_token_targets` targets and weights), split into `grad_accum_steps`
+    micro-batches; with `loss_chunk` > 0 the loss takes the logits `loss_chunk` tokens of each row at a time
+    (`chunked_weighted_loss`).
 
     The gradient is that of the mean loss over every counted token of the whole batch, whatever the split. `rng` is
     the step's "positions" key (a scheme that samples in training, CLEX, draws from it once per step).
     """
 
     def loss_and_count(params, micro):
-        out = model.apply({"params": params}, micro["tokens"], micro["positions"], micro["segment_ids"],
+        out = model.apply({"params": params}, micro["tokens"], micro["positions"], micro.get("segment_ids"),
                           train=True, hidden_only=loss_chunk > 0, rngs={"positions": rng})
         if loss_chunk:
             return chunked_weighted_loss(out, output_weights(params, model.config), micro["targets"],

@@ -15,13 +15,15 @@ def bench(*args):
 
 def test_a_case_reports_time_throughput_and_the_formula():
     done = bench("--steps", "1", "--case", "seq_len=64,batch=2,remat=full,loss_chunk=16",
-                 "--case", "seq_len=64,batch=2,loss_chunk=48")
+                 "--case", "seq_len=64,batch=2,loss_chunk=48",
+                 "--case", "seq_len=64,batch=2,remat=full,loss_chunk=16,segments=0")
     assert done.returncode == 0, done.stderr[-2000:]
     *cases, summary = [json.loads(line) for line in done.stdout.splitlines()]
-    ran, refused = cases
+    ran, refused, without_segments = cases
     assert ran["remat"] == "full" and ran["loss_chunk"] == 16 and ran["tokens_per_s"] > 0 and ran["step_s"] > 0
     assert ran["loss"] > 0 and "6·N·tokens" in ran["formula"] and ran["mfu"] is None  # no data-sheet peak for a CPU
     assert "train.loss_chunk=48 must divide" in refused["error"]
+    assert without_segments["segments"] == 0 and without_segments["loss"] == ran["loss"]  # one document per row
     assert summary["failed"] == [refused["case"]] and summary["longest_trained"] == 64
 
 

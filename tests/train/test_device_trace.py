@@ -29,7 +29,9 @@ def test_kernel_times_total_device_rows_only(tmp_path):
         {"ph": "X", "pid": 2, "name": "flash_forward", "dur": 100.0},  # host row: the launch, not the kernel
         {"ph": "i", "pid": 1, "name": "marker"},
     ])
-    totals = device_trace.kernel_times(tmp_path)
+    totals, calls = device_trace.kernel_calls(tmp_path)
+    assert device_trace.kernel_times(tmp_path) == totals
+    assert calls == {"flash_forward": 2, "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": 1, "loop_add_fusion": 1}
     assert totals == {"flash_forward": 15.0, "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": 7.0, "loop_add_fusion": 2.0}
     assert device_trace.by_kind(totals) == {"attention forward": 15.0, "matmul": 7.0, device_trace.OTHER: 2.0}
 
