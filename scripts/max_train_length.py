@@ -3,7 +3,7 @@
     python scripts/max_train_length.py --config configs/llama_1b_32k.py [--lengths 32768,65536,...] \
         [--commit HASH] > max_length.jsonl
 
-For each length (ascending) it compiles the real training step (forward, backward with the config's remat, AdamW
+For each length (ascending) it compiles the real training step (forward, backward with --remat, AdamW
 update; params and optimizer state sharded as the trainer shards them) and reads XLA's memory analysis: arguments +
 temporaries + outputs − donated buffers, against the device's memory. The longest length that fits is then run for
 real, once, timed, on a synthetic batch of one document per row, so the claim is a step that ran — unless its
@@ -47,10 +47,14 @@ def main():
     parser.add_argument("--config", default="configs/llama_1b_32k.py")
     parser.add_argument("--lengths", default="32768,65536,131072,262144,393216,524288,786432,1048576")
     parser.add_argument("--commit", default="")
+    parser.add_argument("--remat", default="full", help="model.remat for the step (default: full, the least memory; "
+                        "'config' keeps the config's).")
     parser.add_argument("--time_budget_s", type=float, default=1e9)
     parser.add_argument("--assumed_tflops", type=float, default=250.0)
     args = parser.parse_args()
     config = runpy.run_path(args.config)["get_config"]()
+    if args.remat != "config":
+        config.model.remat = args.remat
     mesh = mesh_lib.make_mesh(config.parallel)
     device = jax.devices()[0]
     capacity = device.memory_stats()["bytes_limit"] if device.memory_stats() else None
