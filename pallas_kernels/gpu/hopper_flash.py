@@ -12,7 +12,9 @@ Block sparsity: the memory warpgroup fetches only the key blocks the static layo
 the query blocks of its key block, for every query head of its kv head) — full blocks first, then partial ones —
 and the compute warpgroups walk the same list, evaluating the mask only on partial blocks. An empty block is never
 loaded or computed. With segment ids the lists are filtered before the kernels by the blocks' segment ranges
-(`block_math.segments_meet`), and segment ids mask every visited block in-kernel. Grouped-query attention reads kv
+(`block_math.segments_meet`), and segment ids mask every visited block in-kernel except a full block whose queries
+and keys all belong to one and the same document: those are listed first and computed as without segment ids (the
+single-document fast path, most of the blocks when documents are long). Grouped-query attention reads kv
 head h // G for query head h; the dK/dV kernel loops over the G query heads, so K/V are never repeated.
 
 Shapes: q [B, T, Hq, D], k/v [B, S, Hkv, D] in bfloat16 or float16; lse, delta [B, Hq, T] float32. Softmax only.
@@ -97,11 +99,13 @@ def unsupported_reason(problem: Problem) -> str | None:
 
 # --- Visit lists: the static layout (filtered by segment ranges) as the order in which blocks are fetched.
 
-def _visit_lists(kinds: np.ndarray, meet=None):
-    """kinds int8 [Hx, G, R, C] (EMPTY / PARTIAL / FULL of column block c for row block r and run g), meet bool
-    [B, R, C] or None → visits int32 [B or 1, Hx, R, W]: codes g·C + c, run by run, each run's full blocks then its
-    partial ones (ascending); bounds int32 [B or 1, Hx, R, 2G + 1]: run g's full visits are [bounds[2g],
-    bounds[2g+1]), its partial ones [bounds[2g+1], bounds[2g+2]). Numpy at trace time without segment ids."""
+def _visit_lists(kinds: np.ndarray, meet=None, same=None):
+    """kinds int8 [Hx, G, R, C] (EMPTY / PARTIAL / FULL of column block c for row block r and run g); with segment ids
+    meet and same, bool [B, R, C] (`_segment_blocks`) → visits int32 [B or 1, Hx, R, W]: codes g·C + c, run by run,
+    each run's full blocks of one shared document (every full block without segment ids), then its other full
+    blocks, then its partial ones (each ascending); bounds int32 [B or 1, Hx, R, 3G + 1]: run g's visits of those
+    three kinds are [bounds[3g], bounds[3g+1]), [bounds[3g+1], bounds[3g+2]) and [bounds[3g+2], bounds[3g+3]).
+    Numpy at trace time without segment ids."""
     Hx, G, R, C = kinds.shape
     width = max(1, int(np.max(np.sum(kinds != layout_lib.EMPTY, axis=(1, 3)), initial=0)))
     xp = np if meet is None else jnp
@@ -109,26 +113,32 @@ def _visit_lists(kinds: np.ndarray, meet=None):
     if meet is not None:
         kinds = jnp.where(meet[:, None, None], kinds, layout_lib.EMPTY)
     full, partial = kinds == layout_lib.FULL, kinds == layout_lib.PARTIAL
-    rank = xp.where(full, 0, xp.where(partial, 1, 2 * G))  # empty blocks sort last
+    unmasked = full if same is None else full & same[:, None, None]
+    masked = full & ~unmasked
+    rank = xp.where(unmasked, 0, xp.where(masked, 1, xp.where(partial, 2, 3 * G)))  # empty blocks sort last
     runs = np.arange(G)[:, None, None]
-    key = (2 * runs + rank) * C + np.arange(C)
+    key = (3 * runs + rank) * C + np.arange(C)
     key = xp.moveaxis(key, 2, 3).reshape(*key.shape[:2], R, G * C)
     visits = xp.argsort(key, axis=-1)[..., :width].astype(np.int32)
-    num_full, num_partial = (xp.moveaxis(x.sum(-1), 2, 3).astype(np.int32) for x in (full, partial))  # [., Hx, R, G]
-    ends = xp.cumsum(num_full + num_partial, axis=-1)
-    starts = ends - num_full - num_partial
-    bounds = xp.stack([starts, starts + num_full], axis=-1).reshape(*ends.shape[:3], 2 * G)
-    bounds = xp.concatenate([bounds, ends[..., -1:]], axis=-1).astype(np.int32)
+    counts = [xp.moveaxis(x.sum(-1), 2, 3).astype(np.int32) for x in (unmasked, masked, partial)]  # [., Hx, R, G]
+    ends = xp.cumsum(sum(counts), axis=-1)
+    starts = ends - sum(counts)
+    bounds = xp.stack([starts, starts + counts[0], starts + counts[0] + counts[1]], axis=-1)
+    bounds = xp.concatenate([bounds.reshape(*ends.shape[:3], 3 * G), ends[..., -1:]], axis=-1).astype(np.int32)
     return xp.asarray(visits), bounds
 
 
-def _segment_meet(q_segment_ids, kv_segment_ids, block_q: int, block_kv: int):
-    """bool [B, T // block_q, S // block_kv]: whether the segment ranges of the two blocks can meet."""
+def _segment_blocks(q_segment_ids, kv_segment_ids, block_q: int, block_kv: int):
+    """(meet, same), bool [B, T // block_q, S // block_kv]: whether the segment ranges of the two blocks can meet, and
+    whether every query and key of the two blocks has one and the same nonzero segment id (no pair is masked)."""
     def bounds(ids, block):
         blocks = ids.reshape(ids.shape[0], -1, block)
         return jnp.min(blocks, axis=-1), jnp.max(blocks, axis=-1)
     (q_min, q_max), (kv_min, kv_max) = bounds(q_segment_ids, block_q), bounds(kv_segment_ids, block_kv)
-    return block_math.segments_meet(q_min[:, :, None], q_max[:, :, None], kv_min[:, None, :], kv_max[:, None, :])
+    meet = block_math.segments_meet(q_min[:, :, None], q_max[:, :, None], kv_min[:, None, :], kv_max[:, None, :])
+    q_one = ((q_min == q_max) & (q_min != 0))[:, :, None]
+    kv_one = (kv_min == kv_max)[:, None, :]
+    return meet, q_one & kv_one & (q_min[:, :, None] == kv_min[:, None, :])
 
 
 # --- Pieces every kernel shares.
@@ -197,6 +207,15 @@ def _allowed(problem: Problem, shape, q_start, kv_start, head, *, partial: bool,
     return allowed
 
 
+def _streamed_segments(s, bar, slot, segments: bool, segment_mask: bool, layout, name: str = "kv_seg"):
+    """The segment ids of the streamed block in `slot`, or None when the step needs none. With segment ids the memory
+    warpgroup fetches them for every block, so their barrier is waited on (its phase consumed) even when unused."""
+    if not segments:
+        return None
+    plgpu.barrier_wait(bar(f"{name}_ready", slot))
+    return plgpu.load(s[name].at[slot], layout=layout) if segment_mask else None
+
+
 class _Barriers:
     """A kernel's mbarriers by name, one allocation per arrival count (the interpreter pays per allocation and
     thread). spec: name → (number, arrivals); barrier(s, name, i) is barrier i of `name` in the scratch refs s."""
@@ -238,14 +257,18 @@ def _produce(bar, total, visit, streams):
             plgpu.barrier_wait(bar(free, lax.rem(i, SLOTS)))
 
 
-def _walk(layout, bounds, run, step, carry):
-    """Runs step(i, carry, partial=...) over run `run`'s full visits, then its partial ones; a kind the layout never
-    has is left out of the kernel (a block mask's blocks are never partial and cannot be evaluated in-kernel)."""
-    start, middle, end = (bounds(2 * run + j) for j in range(3))
+def _walk(layout, bounds, run, step, carry, segments: bool):
+    """Runs step(i, carry, partial=..., segment_mask=...) over run `run`'s full visits of one shared document (no
+    segment mask), its other full visits, then its partial ones; a kind the layout never has is left out of the
+    kernel (a block mask's blocks are never partial and cannot be evaluated in-kernel)."""
+    start, unmasked_end, full_end, end = (bounds(3 * run + j) for j in range(4))
     if np.any(layout.kinds == layout_lib.FULL):
-        carry = lax.fori_loop(start, middle, functools.partial(step, partial=False), carry)
+        carry = lax.fori_loop(start, unmasked_end, functools.partial(step, partial=False, segment_mask=False), carry)
+        if segments:
+            carry = lax.fori_loop(unmasked_end, full_end, functools.partial(step, partial=False, segment_mask=True),
+                                  carry)
     if layout.has_partial:
-        carry = lax.fori_loop(middle, end, functools.partial(step, partial=True), carry)
+        carry = lax.fori_loop(full_end, end, functools.partial(step, partial=True, segment_mask=segments), carry)
     return carry
 
 
@@ -323,7 +346,7 @@ def _forward_body(refs, s, bar, *, problem: Problem, n_wg: int, block_kv: int):
         plgpu.barrier_arrive(bar("schedule"))
         plgpu.barrier_wait(bar("schedule"))
 
-    pl.when(wg == n_wg)(lambda: _stream_keys(refs, s, bar, visit, bounds(2), batch, kv_head, block_kv, segments))
+    pl.when(wg == n_wg)(lambda: _stream_keys(refs, s, bar, visit, bounds(3), batch, kv_head, block_kv, segments))
 
     @pl.when(wg < n_wg)
     def _compute():
@@ -336,7 +359,7 @@ def _forward_body(refs, s, bar, *, problem: Problem, n_wg: int, block_kv: int):
         q_seg = plgpu.load(s["q_seg"].at[wg], layout=_WGMMA.reduce(1)) if segments else None
         scale2 = problem.scale * block_math.LOG2_E  # scores in base 2: one FMA with the running max in exp2
         factor = scale2 if scale2 > 0 else 1.0  # the maximum commutes with a positive scale only
-        total = bounds(2)
+        total = bounds(3)
 
         @pl.when(total > 0)
         def _():
@@ -347,20 +370,17 @@ def _forward_body(refs, s, bar, *, problem: Problem, n_wg: int, block_kv: int):
             def _():
                 plgpu.barrier_wait(bar("k_ready", lax.rem(i + 1, SLOTS)))
 
-        def step(i, carry, *, partial):
+        def step(i, carry, *, partial, segment_mask):
             acc, m, l = carry
             slot = lax.rem(i, SLOTS)
             scores = _mma(None, q_smem, s["k"].at[slot].transpose((1, 0)), interpret=problem.interpret,
                           then=schedule if n_wg == 2 else None)
-            kv_seg = None
-            if segments:
-                plgpu.barrier_wait(bar("kv_seg_ready", slot))
-                kv_seg = plgpu.load(s["kv_seg"].at[slot], layout=_WGMMA.reduce(0))
+            kv_seg = _streamed_segments(s, bar, slot, segments, segment_mask, _WGMMA.reduce(0))
             plgpu.barrier_arrive(bar("k_free", slot))
             if factor != scale2:
                 scores = scores * scale2
             allowed = _allowed(problem, scores.shape, problem.q_offset + q_base, visit(i) * block_kv if partial else 0,
-                               head, partial=partial, q_seg=q_seg, kv_seg=kv_seg)
+                               head, partial=partial, q_seg=q_seg if segment_mask else None, kv_seg=kv_seg)
             if allowed is None:  # a full block: every row's maximum is finite
                 m_next = m_safe = jnp.maximum(m, scores.max(axis=1) * factor)
             else:  # a row may have seen nothing yet: its maximum stays -inf and its sums 0
@@ -396,7 +416,7 @@ def _forward_body(refs, s, bar, *, problem: Problem, n_wg: int, block_kv: int):
                  _zeros((ROWS,), reduced))
         if n_wg == 2:
             pl.when(wg == 1)(schedule)
-        acc, m, l = _walk(layout, bounds, 0, step, carry)
+        acc, m, l = _walk(layout, bounds, 0, step, carry, segments)
         if n_wg == 2:
             pl.when(wg == 0)(schedule)
         out = acc / _spread(jnp.where(l > 0, l, 1.0), acc.shape, 0)
@@ -414,8 +434,8 @@ def forward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_s
     block_q, block_kv = problem.block_sizes.block_q, problem.block_sizes.block_kv
     n_wg = block_q // ROWS
     segments = problem.has_segments
-    meet = _segment_meet(q_segment_ids, kv_segment_ids, block_q, block_kv) if segments else None
-    visits, bounds = _visit_lists(problem.forward_layout.kinds[:, None], meet)
+    meet, same = _segment_blocks(q_segment_ids, kv_segment_ids, block_q, block_kv) if segments else (None, None)
+    visits, bounds = _visit_lists(problem.forward_layout.kinds[:, None], meet, same)
     inputs = {"q": q, "k": k, "v": v, "visits": visits, "bounds": bounds}
     scratch = {"q": _tiles(n_wg, ROWS, problem), "k": _tiles(SLOTS, block_kv, problem),
                "v": _tiles(SLOTS, block_kv, problem), "lse": _vectors(n_wg, ROWS)}
@@ -443,7 +463,7 @@ def _dq_body(refs, s, bar, *, problem: Problem, n_wg: int, block_kv: int):
     visit, bounds = _lists(problem, refs, q_block, layout.num_mask_heads > 1, head)
     segments, dtype, D = problem.has_segments, jnp.dtype(problem.dtype), problem.head_dim
 
-    pl.when(wg == n_wg)(lambda: _stream_keys(refs, s, bar, visit, bounds(2), batch, kv_head, block_kv, segments))
+    pl.when(wg == n_wg)(lambda: _stream_keys(refs, s, bar, visit, bounds(3), batch, kv_head, block_kv, segments))
 
     @pl.when(wg < n_wg)
     def _compute():
@@ -458,16 +478,13 @@ def _dq_body(refs, s, bar, *, problem: Problem, n_wg: int, block_kv: int):
         q_seg = plgpu.load(s["q_seg"].at[wg], layout=reduced) if segments else None
         scale2 = problem.scale * block_math.LOG2_E
 
-        def step(i, dq, *, partial):
+        def step(i, dq, *, partial, segment_mask):
             slot = lax.rem(i, SLOTS)
             plgpu.barrier_wait(bar("k_ready", slot))
             scores = _mma(None, s["q"].at[wg], s["k"].at[slot].transpose((1, 0)), interpret=problem.interpret)
-            kv_seg = None
-            if segments:
-                plgpu.barrier_wait(bar("kv_seg_ready", slot))
-                kv_seg = plgpu.load(s["kv_seg"].at[slot], layout=_WGMMA.reduce(0))
+            kv_seg = _streamed_segments(s, bar, slot, segments, segment_mask, _WGMMA.reduce(0))
             allowed = _allowed(problem, scores.shape, problem.q_offset + q_base, visit(i) * block_kv if partial else 0,
-                               head, partial=partial, q_seg=q_seg, kv_seg=kv_seg)
+                               head, partial=partial, q_seg=q_seg if segment_mask else None, kv_seg=kv_seg)
             p = jnp.exp2(scores * scale2 - _spread(lse2, scores.shape, 0))  # lse2 is +inf on rows that see nothing
             if allowed is not None:
                 p = jnp.where(allowed, p, 0.0)
@@ -480,7 +497,7 @@ def _dq_body(refs, s, bar, *, problem: Problem, n_wg: int, block_kv: int):
             plgpu.barrier_arrive(bar("k_free", slot))
             return dq
 
-        dq = _walk(layout, bounds, 0, step, _zeros((ROWS, D)))
+        dq = _walk(layout, bounds, 0, step, _zeros((ROWS, D)), segments)
         s["q"].at[wg][...] = (dq * problem.scale).astype(dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(s["q"].at[wg], refs["dq"].at[batch, rows, head])
@@ -504,7 +521,7 @@ def _dkdv_body(refs, s, bar, *, problem: Problem, n_wg: int, block_q: int):
             for name in names:
                 _fetch(refs, s, bar, name, sources.get(name, lambda r: r.at[batch, span, head]), slot)
         q_names = ("q", "lse2", "q_seg") if segments else ("q", "lse2")
-        _produce(bar, bounds(2 * G), visit, [("q_free", functools.partial(fetch, q_names)),
+        _produce(bar, bounds(3 * G), visit, [("q_free", functools.partial(fetch, q_names)),
                                              ("dout_free", functools.partial(fetch, ("dout", "delta")))])
 
     @pl.when(wg < n_wg)
@@ -522,20 +539,17 @@ def _dkdv_body(refs, s, bar, *, problem: Problem, n_wg: int, block_q: int):
         def head_step(g, carry):
             head = kv_head * G + g
 
-            def step(i, carry, *, partial):  # the transposed tiles: keys × queries
+            def step(i, carry, *, partial, segment_mask):  # the transposed tiles: keys × queries
                 dk, dv = carry
                 slot = lax.rem(i, SLOTS)
                 plgpu.barrier_wait(bar("q_ready", slot))
                 plgpu.barrier_wait(bar("lse2_ready", slot))
                 scores = _mma(None, s["k"].at[wg], s["q"].at[slot].transpose((1, 0)), interpret=problem.interpret)
                 lse2 = plgpu.load(s["lse2"].at[slot], layout=columns)
-                q_seg = None
-                if segments:
-                    plgpu.barrier_wait(bar("q_seg_ready", slot))
-                    q_seg = plgpu.load(s["q_seg"].at[slot], layout=columns)
+                q_seg = _streamed_segments(s, bar, slot, segments, segment_mask, columns, name="q_seg")
                 q_start = problem.q_offset + (visit(i) - g * num_q_blocks) * block_q if partial else 0
                 allowed = _allowed(problem, scores.shape, q_start, kv_base, head, partial=partial, q_seg=q_seg,
-                                   kv_seg=kv_seg, transposed=True)
+                                   kv_seg=kv_seg if segment_mask else None, transposed=True)
                 p = jnp.exp2(scores * scale2 - _spread(lse2, scores.shape, 1))
                 if allowed is not None:
                     p = jnp.where(allowed, p, 0.0)
@@ -551,7 +565,7 @@ def _dkdv_body(refs, s, bar, *, problem: Problem, n_wg: int, block_q: int):
                           staging=_staging(problem, s, wg))
                 plgpu.barrier_arrive(bar("q_free", slot))
                 return dk, dv
-            return _walk(layout, bounds, g, step, carry)
+            return _walk(layout, bounds, g, step, carry, segments)
 
         dk, dv = lax.fori_loop(0, G, head_step, (_zeros((ROWS, D)), _zeros((ROWS, D))))
         s["k"].at[wg][...] = (dk * problem.scale).astype(dtype)
@@ -574,8 +588,8 @@ def backward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_
     # dQ: one block per (query head, query block, batch); the memory warpgroup streams the row's K/V blocks.
     block_q, block_kv = sizes.block_q_dq, sizes.block_kv_dq
     n_wg = block_q // ROWS
-    meet = _segment_meet(q_segment_ids, kv_segment_ids, block_q, block_kv) if segments else None
-    visits, bounds = _visit_lists(problem.dq_layout.kinds[:, None], meet)
+    meet, same = _segment_blocks(q_segment_ids, kv_segment_ids, block_q, block_kv) if segments else (None, None)
+    visits, bounds = _visit_lists(problem.dq_layout.kinds[:, None], meet, same)
     scratch = {"q": _tiles(n_wg, ROWS, problem), "dout": _tiles(n_wg, ROWS, problem), "lse2": _vectors(n_wg, ROWS),
                "delta": _vectors(n_wg, ROWS), "k": _tiles(SLOTS, block_kv, problem),
                "v": _tiles(SLOTS, block_kv, problem)}
@@ -597,8 +611,9 @@ def backward(problem: Problem, q, k, v, row_scale, col_scale, q_segment_ids, kv_
     kinds = np.swapaxes(layout.kinds, 1, 2)  # [Hm, key blocks, query blocks]
     kinds = kinds.reshape(Hkv, G, *kinds.shape[1:]) if layout.num_mask_heads > 1 else \
         np.broadcast_to(kinds[:, None], (1, G, *kinds.shape[1:]))
-    meet = _segment_meet(q_segment_ids, kv_segment_ids, block_q, block_kv) if segments else None
-    visits, bounds = _visit_lists(kinds, None if meet is None else jnp.swapaxes(meet, 1, 2))
+    meet, same = _segment_blocks(q_segment_ids, kv_segment_ids, block_q, block_kv) if segments else (None, None)
+    visits, bounds = _visit_lists(kinds, *((None, None) if meet is None else
+                                           (jnp.swapaxes(meet, 1, 2), jnp.swapaxes(same, 1, 2))))
     scratch = {"k": _tiles(n_wg, ROWS, problem), "v": _tiles(n_wg, ROWS, problem),
                "q": _tiles(SLOTS, block_q, problem), "dout": _tiles(SLOTS, block_q, problem),
                "lse2": _vectors(SLOTS, block_q), "delta": _vectors(SLOTS, block_q)}

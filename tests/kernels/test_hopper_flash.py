@@ -74,6 +74,16 @@ class TestHopperInterpret(HopperTests):
     def test_low_precision(self, dtype):
         super().test_low_precision(dtype)
 
+    def test_blocks_of_one_document_skip_the_segment_mask(self):
+        """Long documents: full blocks whose queries and keys share one document run without the segment mask, the
+        others with it (both kinds are present here, and in the dQ and dK/dV layouts alike)."""
+        q, k, v = _inputs(B=2, T=384, S=384, Hq=2, Hkv=1, dtype=self.dtype)
+        segment_ids = jnp.asarray([[1] * 200 + [2] * 184, [1] * 384], jnp.int32)
+        meet, same = hopper_flash._segment_blocks(segment_ids, segment_ids, 128, 128)
+        below_diagonal = np.tril(np.ones((3, 3), bool), -1)
+        assert np.any(np.asarray(same) & below_diagonal) and np.any(np.asarray(meet & ~same) & below_diagonal)
+        self.check(q, k, v, mask=masks.Causal(), segment_ids=segment_ids)
+
     def test_no_races(self, monkeypatch):
         """The interpreter's race detector over every kernel, two compute warpgroups, segment ids and a partial
         mask: each TMA, wgmma and shared-memory access is ordered by the barriers."""
@@ -119,10 +129,31 @@ def test_visit_lists_order_full_then_partial_and_filter_by_segments():
     visits, bounds = hopper_flash._visit_lists(kinds)
     assert visits.shape == (1, 1, 2, 5)
     np.testing.assert_array_equal(visits[0, 0, 0], [1, 3, 2, 4, 7])  # run 0: full 1, 3; partial 2; run 1: 4 | 7
-    np.testing.assert_array_equal(bounds[0, 0, 0], [0, 2, 3, 4, 5])
+    np.testing.assert_array_equal(bounds[0, 0, 0], [0, 2, 2, 3, 4, 4, 5])  # no segment ids: no masked full blocks
     np.testing.assert_array_equal(visits[0, 0, 1, :1], [0])
-    np.testing.assert_array_equal(bounds[0, 0, 1], [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(bounds[0, 0, 1], [0, 0, 0, 1, 1, 1, 1])
     meet = jnp.array([[[True, False, True, True], [True, True, True, True]]])  # [B=1, R, C]
-    visits, bounds = hopper_flash._visit_lists(kinds, meet)
+    same = jnp.zeros_like(meet)
+    visits, bounds = hopper_flash._visit_lists(kinds, meet, same)
     np.testing.assert_array_equal(np.asarray(visits)[0, 0, 0, :4], [3, 2, 4, 7])
-    np.testing.assert_array_equal(np.asarray(bounds)[0, 0, 0], [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(np.asarray(bounds)[0, 0, 0], [0, 0, 1, 2, 2, 3, 4])
+
+
+def test_visit_lists_put_full_blocks_of_one_document_first():
+    """Row 0's full blocks 1 and 3: block 3 holds one document on both sides, so it needs no segment mask and comes
+    first; block 1 is masked; the partial block 2 last."""
+    kinds = np.array([[[[0, 2, 1, 2]]]], np.int8)  # [1, G=1, R=1, C=4]
+    meet = jnp.array([[[True, True, True, True]]])
+    same = jnp.array([[[False, False, True, True]]])  # a partial block is masked whatever its segments
+    visits, bounds = hopper_flash._visit_lists(kinds, meet, same)
+    np.testing.assert_array_equal(np.asarray(visits)[0, 0, 0], [3, 1, 2])
+    np.testing.assert_array_equal(np.asarray(bounds)[0, 0, 0], [0, 1, 2, 3])
+
+
+def test_segment_blocks_find_blocks_of_one_shared_document():
+    q_ids = jnp.array([[1, 1, 1, 2, 0, 0]])  # blocks of 2 queries: {1}, {1, 2}, {0}
+    kv_ids = jnp.array([[1, 1, 2, 2, 0, 0]])  # blocks of 2 keys: {1}, {2}, {0}
+    meet, same = hopper_flash._segment_blocks(q_ids, kv_ids, 2, 2)
+    np.testing.assert_array_equal(np.asarray(same)[0], [[True, False, False], [False, False, False],
+                                                         [False, False, False]])
+    np.testing.assert_array_equal(np.asarray(meet)[0, 1], [True, True, False])
