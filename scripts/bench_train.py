@@ -222,6 +222,10 @@ def main():
             found = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             if found:
                 line = json.loads(found[-1][len("RESULT "):])
+                # XLA's own rematerialisation (it recomputes ops when it thinks the step exceeds device memory)
+                # changes what a remat policy kept; its warnings are the only trace of it.
+                line["xla_rematerialization"] = [text.strip()[-300:] for text in done.stderr.splitlines()
+                                                 if "rematerialization" in text.lower()][:3]
             else:
                 error = (done.stderr.strip().splitlines() or ["no output"])[-1]
                 line = {"case": case.name, "error": error[:500], "out_of_memory": "RESOURCE_EXHAUSTED" in done.stderr
