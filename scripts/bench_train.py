@@ -167,10 +167,9 @@ def run_case(case: Case, args) -> dict:
             line["device_ms_per_step"] = round(sum(kernels.values()) / PROFILED_STEPS / 1e3, 1)
             line["ms_per_step_by_kind"] = {kind: round(us / PROFILED_STEPS / 1e3, 1)
                                            for kind, us in device_trace.by_kind(kernels).items()}
-            line["top_kernels_ms_per_step"] = {name[:100]: round(us / PROFILED_STEPS / 1e3, 2)
-                                               for name, us in kernels.most_common(15)}
-            line["top_kernels_calls_per_step"] = {name[:100]: calls[name] / PROFILED_STEPS
-                                                  for name, _ in kernels.most_common(15)}
+            longest = kernels.most_common(15)
+            line["top_kernels_ms_per_step"] = {name[:100]: round(us / PROFILED_STEPS / 1e3, 2) for name, us in longest}
+            line["top_kernels_calls_per_step"] = {name[:100]: calls[name] / PROFILED_STEPS for name, _ in longest}
     step_s = statistics.median(times)
     counted = flops.step_flops(model.config, case.seq_len, case.batch)
     peak = flops.peak_flops(device.device_kind, args.peak_tflops and args.peak_tflops * 1e12)

@@ -62,10 +62,11 @@ def diagnose(model: Llama, params, tokenizer: Tokenizer, length: int, *, num_sam
         second = None if first is None else find(sample.prompt, key_tokens, first + len(key_tokens))
         if second is not None:
             needle_hits += list(predicted[second - 1:second - 1 + len(key_tokens)] == key_tokens)
-        sequence = sample.prompt.astype(np.int32)
-        for _ in range(max_new_tokens):
-            next_token = int(np.asarray(forward(params, jnp.asarray(sequence[None])))[0, -1].argmax())
-            sequence = np.append(sequence, np.int32(next_token))
+        # One buffer of n + max_new_tokens (one compiled shape): causal attention leaves the logits at t blind to
+        # the padding after it.
+        sequence = np.concatenate([sample.prompt, np.full(max_new_tokens, tokenizer.pad_id)]).astype(np.int32)
+        for t in range(n, n + max_new_tokens):
+            sequence[t] = int(np.asarray(forward(params, jnp.asarray(sequence[None])))[0, t - 1].argmax())
         reruns.append(tokenizer.decode(sequence[n:]))
     result = {"samples": len(samples), "length": length,
               "answer_key_tokens": float(np.mean(answer_hits)),
