@@ -270,9 +270,14 @@ def _flash(problem, implementation, q, k, v, row_scale, col_scale, q_segment_ids
     `jax.checkpoint` a policy that saves them (e.g. `save_only_these_names`) keeps out and the log-sum-exp for the
     backward, which then never re-runs the forward kernel. (Inside a custom_vjp the kernel would be re-run to rebuild
     the residuals whatever the policy saved.)
+
+    The optimization barrier keeps the kernel's outputs away from XLA GPU's dynamic-slice fusion: under a scan whose
+    remat policy saves them, that pass fuses the kernel with the dynamic-update-slice that stacks its outputs per layer
+    and keeps the original call for the layer's own use, so the forward kernel ran twice per layer.
     """
-    out, stats = _forward(problem, implementation, *jax.lax.stop_gradient((q, k, v, row_scale, col_scale)),
-                          q_segment_ids, kv_segment_ids)
+    out, stats = jax.lax.optimization_barrier(
+        _forward(problem, implementation, *jax.lax.stop_gradient((q, k, v, row_scale, col_scale)), q_segment_ids,
+                 kv_segment_ids))
     out = checkpoint_name(out, OUTPUT_NAME)
     stats = tuple(checkpoint_name(s, STATS_NAME) for s in stats)
     return _with_gradient(problem, implementation, q, k, v, row_scale, col_scale, q_segment_ids, kv_segment_ids,
