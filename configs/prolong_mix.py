@@ -11,9 +11,10 @@ corpora (scripts/tokenize_corpus.py) under data/prolong/; point them elsewhere f
         --config.data.mixture.code.source=arrayrecord:/data/code_repos
 
 The model is base_config's (~76M parameters); any field applies, e.g. `--config.data.packing=decomposition` trains
-the same mixture with the Dataset Decomposition curriculum instead. The step keeps matmul outputs for the backward
-(remat "dots", about 11 GB at 64K here) and takes the cross-entropy 4,096 tokens at a time, the settings that were
-fastest for the ~1B model at 32K on one H100 (docs/benchmarks.md, issue 10; not timed at this size).
+the same mixture with the Dataset Decomposition curriculum instead. The step keeps matmul outputs and the flash
+kernels' outputs for the backward (remat "dots_attention") and takes the cross-entropy 4,096 tokens at a time, the
+settings that were fastest for the ~1B model at 32K on one H100 (docs/benchmarks.md, issue 10; not timed at this
+size).
 """
 
 import ml_collections
@@ -32,7 +33,7 @@ def get_config(arg=None):
     config.data.tokenizer = "data/prolong/tokenizer.json"
     config.data.packing = "concat"
     config.data.seq_len = 65536
-    config.model.remat = "dots"
+    config.model.remat = "dots_attention"
     config.train.batch_size = 1
     config.train.loss_chunk = 4096
     return config
