@@ -124,6 +124,23 @@ def test_remat_keeping_the_flash_outputs_runs_the_forward_kernel_once(remat):
     assert forward_kernels("full") == 2 * CONFIG.num_layers
 
 
+def _hopper_present() -> bool:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and float(getattr(device, "compute_capability", 0)) >= 9.0
+
+
+@pytest.mark.skipif(not _hopper_present(), reason="compiles Mosaic GPU kernels: needs compute capability 9.0")
+def test_compiled_scanned_layers_keeping_the_flash_outputs_hold_one_forward_kernel():
+    """XLA's GPU compiler keeps one forward kernel per scanned layer when the remat policy saves its outputs: without
+    the optimization barrier in `pallas_kernels.flash.attention._flash`, its dynamic-slice fusion cloned the kernel
+    into the update that stacks the saved outputs, and the compiled step held a second forward call."""
+    model = make_model(attention_impl="pallas", head_dim=64, scan_layers=True, remat="dots_attention")
+    params, _ = init_params(model, jax.random.key(0))
+    step = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, tokens(1, 256)) ** 2)))
+    compiled = step.lower(params).compile().as_text()
+    assert compiled.count('custom_call_target="mosaic_gpu') == 3  # forward, dQ, dK/dV
+
+
 @pytest.mark.parametrize("scheme", ["rope", "none"])
 @pytest.mark.parametrize("mask", [masks.Causal(), masks.SlidingWindow(3), masks.SinksAndWindow(1, 2)], ids=repr)
 def test_packed_documents_do_not_see_each_other(scheme, mask):
