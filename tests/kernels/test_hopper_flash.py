@@ -13,15 +13,11 @@ import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flash_test_base import FlashAttentionTests, _inputs, _packed_segments
+from gpus import hopper_present
 from pallas_kernels import BlockSizes, flash_attention, masks
 from pallas_kernels.gpu import hopper_flash
 
 ONE_WARPGROUP = BlockSizes(64, 64, 64, 64, 64, 64)  # one compute warpgroup in every kernel
-
-
-def _hopper_present() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and float(getattr(device, "compute_capability", 0)) >= 9.0
 
 
 class HopperTests(FlashAttentionTests):
@@ -102,7 +98,7 @@ class TestHopperInterpret(HopperTests):
             vjp(out)
 
 
-@pytest.mark.skipif(not _hopper_present(), reason="needs a GPU of compute capability 9.0 or more")
+@pytest.mark.skipif(not hopper_present(), reason="needs a GPU of compute capability 9.0 or more")
 class TestHopperGPU(HopperTests):
     interpret = False
 

@@ -13,6 +13,8 @@ from longctx import positions
 from longctx.attention import masks
 from longctx.models import Llama, LlamaConfig, init_params, unscanned
 
+from gpus import hopper_present
+
 CONFIG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=8, attention_impl="reference")
 
@@ -124,12 +126,7 @@ def test_remat_keeping_the_flash_outputs_runs_the_forward_kernel_once(remat):
     assert forward_kernels("full") == 2 * CONFIG.num_layers
 
 
-def _hopper_present() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and float(getattr(device, "compute_capability", 0)) >= 9.0
-
-
-@pytest.mark.skipif(not _hopper_present(), reason="compiles Mosaic GPU kernels: needs compute capability 9.0")
+@pytest.mark.skipif(not hopper_present(), reason="compiles Mosaic GPU kernels: needs compute capability 9.0")
 def test_compiled_scanned_layers_keeping_the_flash_outputs_hold_one_forward_kernel():
     """XLA's GPU compiler keeps one forward kernel per scanned layer when the remat policy saves its outputs: without
     the optimization barrier in `pallas_kernels.flash.attention._flash`, its dynamic-slice fusion cloned the kernel
