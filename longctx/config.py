@@ -8,9 +8,8 @@ allowed, before any work is done.
 import ml_collections
 
 from longctx import positions
-from longctx.attention import impl_names, masks
+from longctx.attention import impl_names
 
-MASK_FIELDS = {"causal": (), "sliding_window": ("window",), "sinks_window": ("sinks", "window")}
 CONFIG_ARG_KEYS = ("positions",)
 
 
@@ -64,9 +63,11 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.remat = "none"
     c.model.attention = ml_collections.ConfigDict()
     c.model.attention.impl = "auto"  # auto | reference | xla | cudnn | pallas | pallas_interpret (attention.dispatch).
-    c.model.attention.mask = "causal"  # causal | sliding_window | sinks_window.
-    c.model.attention.window = 0  # Keys each query sees, itself included (sliding_window, sinks_window only).
-    c.model.attention.sinks = 0  # Leading tokens every query also sees (sinks_window only).
+    # Every layer's mask: a pallas_kernels.masks spec — a registered mask's name with its parameters, or | / & of
+    # them: "causal", "sliding_window(window=4096)", "sinks_window(sinks=4, window=4096)", "chunked_local(chunk=8192)",
+    # "strided_heads(block=128, local_blocks=8, stride=16)" (S2-Attention), "block_mask(blocks='b.npy', block_q=128,
+    # block_kv=128)". Every attention impl that cannot honour it refuses, naming it.
+    c.model.attention.mask = "causal"
     # The position scheme and its parameters; pick another with `--config=<file>:positions=<name>`.
     c.model.positions = positions_config(options.get("positions", "rope"))
 
@@ -136,7 +137,7 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.loss_chunk = 0
     c.train.donate = True  # Donate params and optimizer state to the step, which updates them in place.
     c.train.learning_rate = 3e-4  # Peak learning rate.
-    c.train.warmup_steps = 500  # Linear warm-up from 0 to the peak.
+    c.train.warmup_steps = 500  # Linear warm-up from 0 to the peak; clamped to train.steps (logged).
     c.train.min_lr_ratio = 0.1  # Cosine decay ends at learning_rate · min_lr_ratio at `steps`.
     c.train.weight_decay = 0.1  # AdamW decoupled weight decay (not applied to norm scales).
     c.train.b1 = 0.9
@@ -171,23 +172,6 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
-def mask_from_config(attention: ml_collections.ConfigDict) -> masks.Mask:
-    """The mask spec of `model.attention`, refusing window/sinks values that the chosen mask would ignore."""
-    if attention.mask not in MASK_FIELDS:
-        raise ValueError(f"model.attention.mask must be one of {', '.join(MASK_FIELDS)}, got {attention.mask!r}")
-    uses = MASK_FIELDS[attention.mask]
-    for field in ("window", "sinks"):
-        value = attention[field]
-        if field in uses and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"model.attention.{field} must be a positive int for mask {attention.mask!r}, "
-                             f"got {value!r}")
-        if field not in uses and value != 0:
-            users = [mask for mask, fields in MASK_FIELDS.items() if field in fields]
-            raise ValueError(f"model.attention.{field}={value} has no effect with mask {attention.mask!r}; "
-                             f"set it to 0 or pick a mask that uses it: {', '.join(users)}")
-    return masks.get(attention.mask, **{field: attention[field] for field in uses})
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first field whose value is not allowed."""
     from longctx.models import build_model  # Building the model checks every model field.
@@ -211,9 +195,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.train.batch_size % config.train.grad_accum_steps:
         raise ValueError(f"train.batch_size ({config.train.batch_size}) must be a multiple of "
                          f"train.grad_accum_steps ({config.train.grad_accum_steps})")
-    if not 0 <= config.train.warmup_steps <= config.train.steps:
-        raise ValueError(f"train.warmup_steps must be in [0, train.steps={config.train.steps}], "
-                         f"got {config.train.warmup_steps}")
+    warmup = config.train.warmup_steps
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"train.warmup_steps must be an int >= 0 (one longer than train.steps is clamped to it), "
+                         f"got {warmup!r}")
     if not config.train.learning_rate > 0:
         raise ValueError(f"train.learning_rate must be > 0, got {config.train.learning_rate}")
     if not 0 <= config.train.min_lr_ratio <= 1:

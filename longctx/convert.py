@@ -45,8 +45,7 @@ def run_config(hf_dir: pathlib.Path, *, tokenizer: str | None = None, seq_len: i
         num_layers=llama.num_layers, num_heads=llama.num_heads, num_kv_heads=llama.num_kv_heads,
         head_dim=llama.head_dim, rms_norm_eps=llama.rms_norm_eps, tie_embeddings=llama.tie_embeddings,
         qkv_bias=llama.qkv_bias, dtype=dtype)
-    window = getattr(llama.mask, "window", 0)
-    config.model.attention.update(mask="sliding_window" if window else "causal", window=window)
+    config.model.attention.mask = llama.mask.spec
     with config.unlocked():
         config.model.positions = positions_config_of(positions.from_hf_config(hf_config))
     config.data.tokenizer = tokenizer

@@ -38,7 +38,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_attention import _median_ms  # noqa: E402
 
-from longctx.attention import attention, masks  # noqa: E402
+from pallas_kernels import masks  # noqa: E402
+
+from longctx.attention import attention  # noqa: E402
 from longctx.parallel import context, layout as layout_lib  # noqa: E402
 
 AXIS = "sequence"

@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longctx.config import base_config  # noqa: E402
 from longctx.data import pipeline  # noqa: E402
-from longctx.data.array_records import ArrayRecordSource, write_corpus  # noqa: E402
+from longctx.data.array_records import ArrayRecordSource  # noqa: E402
+from longctx.data.corpus_writer import write_corpus  # noqa: E402
 from longctx.data.sources import open_source  # noqa: E402
 from longctx.data.tokenizers import HFTokenizer  # noqa: E402
 

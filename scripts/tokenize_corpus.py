@@ -12,7 +12,7 @@ layout is in `longctx/data/array_records.py`. The last line of output sums up: d
 import argparse
 import time
 
-from longctx.data.array_records import write_corpus
+from longctx.data.corpus_writer import write_corpus
 from longctx.data.sources import ON_ERROR
 from longctx.data.tokenizers import load_tokenizer
 

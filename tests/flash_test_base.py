@@ -44,7 +44,7 @@ MASKS = {
     "causal": masks.Causal(),
     "full": masks.Full(),
     "sliding_window": masks.SlidingWindow(40),
-    "sinks_window": masks.sinks_and_window(4, 40),
+    "sinks_window": masks.SinksAndWindow(4, 40),
     "chunked_local": masks.ChunkedLocal(48),
     "s2_strided_heads": masks.StridedHeads(block=32, local_blocks=2, stride=2),
     "distant": masks.Distant(70),

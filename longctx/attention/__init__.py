@@ -5,7 +5,9 @@
 holds softmax and softplus attention; `merge_attention` combines attention over disjoint key sets by log-sum-exp.
 """
 
-from longctx.attention import masks, normalizers
+from pallas_kernels import masks  # the one mask vocabulary, as longctx.attention.masks too
+
+from longctx.attention import normalizers
 from longctx.attention.dispatch import attention, cudnn_unsupported_reason, impl_names
 from longctx.attention.merge import merge_attention
 from longctx.attention.reference import reference_attention

@@ -32,7 +32,9 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from longctx.attention import masks, normalizers, pallas
+from pallas_kernels import masks
+
+from longctx.attention import normalizers, pallas
 from longctx.attention.reference import alibi_bias, attention_mask, check_arguments, logsumexp, reference_attention
 
 logger = logging.getLogger("longctx.attention")
@@ -125,10 +127,12 @@ def _xla(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, q_off
         return reference_attention(q, k, v, mask=mask, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                                    normalizer=normalizer, q_offset=q_offset)
     T, S = q.shape[1], k.shape[1]
-    allowed = attention_mask(mask, T, S, q_offset=q_offset, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    allowed = attention_mask(mask, T, S, q_offset=q_offset, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                             num_heads=q.shape[2])  # [B or 1, Hq or 1, T, S]
     bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, T, S, q_offset)[None]
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=allowed[:, None], scale=scale, implementation="xla")
-    out = jnp.where(jnp.any(allowed, axis=-1)[:, :, None, None], out, jnp.zeros((), out.dtype))
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=allowed, scale=scale, implementation="xla")
+    sees_something = jnp.any(allowed, axis=-1).transpose(0, 2, 1)[..., None]  # [B or 1, T, Hq or 1, 1]
+    out = jnp.where(sees_something, out, jnp.zeros((), out.dtype))
     if not return_lse:
         return out
     return out, logsumexp(q, k, allowed=allowed, scale=scale, alibi_slopes=alibi_slopes, q_offset=q_offset)
@@ -200,7 +204,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mask = ma
     """Multi-head attention with grouped-query heads, a mask spec and packed-document segment ids.
 
     q: [B, T, Hq, D]; k, v: [B, S, Hkv, D] with Hq a multiple of Hkv (query head h reads kv head h // (Hq // Hkv)).
-    mask: a `masks.Mask` over absolute positions; query row t sits at position q_offset + t (q_offset: int or traced
+    mask: a `pallas_kernels.masks.Mask` (`masks.parse(spec)` reads a config's spec string) over absolute positions
+    and query heads; query row t sits at position q_offset + t (q_offset: int or traced
     int32 scalar; S - T for a query block at the end of the keys, as when decoding with a KV cache).
     segment_ids: [B, T] int; kv_segment_ids: [B, S] int, defaulting to segment_ids when S == T. Tokens attend only
     within their segment, and segment 0 (padding) attends to nothing and is attended by nothing; the mask then sees

@@ -43,12 +43,12 @@ class Softplus(kernel_normalizers.Softplus):
 
     def weights(self, q: jax.Array, k: jax.Array, allowed: jax.Array) -> jax.Array:
         """Attention weights float32 [B, Hkv, G, T, S] of grouped q [B, T, Hkv, G, D] and k [B, S, Hkv, D] where
-        `allowed` (bool, broadcasting to [B, 1, 1, T, S]); rows that see nothing are all 0."""
+        `allowed` (bool, broadcasting to [B, Hkv, G, T, S]); rows that see nothing are all 0."""
         d = q.shape[-1]
         q_hat = _unit(q.astype(jnp.float32))
         k_hat = _unit(k.astype(jnp.float32))
         cosine = jnp.einsum("btkgd,bskd->bkgts", q_hat, k_hat, precision=jax.lax.Precision.HIGHEST)
-        num_keys = jnp.sum(allowed, axis=-1, keepdims=True).astype(jnp.float32)  # N_i, [B, 1, 1, T, 1]
+        num_keys = jnp.sum(allowed, axis=-1, keepdims=True).astype(jnp.float32)  # N_i, [B, Hkv or 1, G or 1, T, 1]
         scores = math.log(d) * jnp.log(jnp.maximum(num_keys, 1.0)) * cosine
         weights = _l1_normalise(jnp.where(allowed, jax.nn.softplus(scores), 0.0))
         if not self.reweight:

@@ -1,10 +1,10 @@
 """impl="pallas": longctx attention on `pallas_kernels.flash_attention`, the block-sparse flash kernels.
 
-longctx masks become pallas_kernels masks one for one (Full, Causal, SlidingWindow, SinksAndWindow → sinks_and_window,
-Distant, and their unions and intersections); the kernels skip every block the mask empties, in the forward and both
-backward kernels. What the kernels cannot honour is refused by `unsupported_reason` before any work:
+The kernels take longctx's masks as they are (`pallas_kernels.masks` is the one vocabulary) and skip every block the
+mask empties, in the forward and both backward kernels. What they cannot honour is refused by `unsupported_reason`
+before any work:
 
-- Explicit [T, S] masks (the kernels take static specs or block masks, not dense arrays);
+- masks read at trace time only (`Explicit`, `BlockMask`) whose blocks are not each all allowed or all masked;
 - segment ids with a mask that is not `relative` (the kernels mask row positions; longctx evaluates such masks on
   positions within each document);
 - a traced q_offset (the block layout is built at trace time), ALiBi biases;
@@ -17,29 +17,9 @@ path.
 """
 
 import pallas_kernels
-from pallas_kernels import masks as pallas_masks
 from pallas_kernels.flash.attention import plan
 
-from longctx.attention import masks, normalizers
-
-
-def to_pallas_mask(mask: masks.Mask) -> pallas_masks.Mask:
-    """The pallas_kernels mask equal to a longctx mask; NotImplementedError for masks the kernels cannot take."""
-    if isinstance(mask, masks.Full):
-        return pallas_masks.Full()
-    if isinstance(mask, masks.Causal):
-        return pallas_masks.Causal()
-    if isinstance(mask, masks.SlidingWindow):
-        return pallas_masks.SlidingWindow(mask.window)
-    if isinstance(mask, masks.SinksAndWindow):
-        return pallas_masks.sinks_and_window(mask.sinks, mask.window)
-    if isinstance(mask, masks.Distant):
-        return pallas_masks.Distant(mask.distance)
-    if isinstance(mask, masks.Union):
-        return to_pallas_mask(mask.left) | to_pallas_mask(mask.right)
-    if isinstance(mask, masks.Intersection):
-        return to_pallas_mask(mask.left) & to_pallas_mask(mask.right)
-    raise NotImplementedError(f"the pallas kernels take static mask specs, not {mask!r}")
+from longctx.attention import normalizers
 
 
 def candidate_backends(platform: str, capability: tuple[int, int] | None, interpret: bool) -> tuple[str, ...]:
@@ -64,15 +44,11 @@ def choose_backend(request, *, interpret: bool = False) -> tuple[str | None, str
     if request.has_segment_ids and not request.mask.relative:
         return None, (f"the pallas kernels apply {request.mask!r} on row positions, but with segment ids longctx "
                       f"evaluates a mask that is not relative on positions within each document")
-    try:
-        mask = to_pallas_mask(request.mask)
-    except NotImplementedError as e:
-        return None, str(e)
     reasons = []
     for backend in candidate_backends(request.platform, request.compute_capability, interpret):
         try:
-            plan(request.q_shape, request.k_shape, request.dtype, mask=mask, has_segments=request.has_segment_ids,
-                 normalizer=request.normalizer, q_offset=request.q_offset,
+            plan(request.q_shape, request.k_shape, request.dtype, mask=request.mask,
+                 has_segments=request.has_segment_ids, normalizer=request.normalizer, q_offset=request.q_offset,
                  return_lse=request.return_lse, backend=backend, interpret=interpret)
             return backend, None
         except (NotImplementedError, ValueError) as e:
@@ -94,6 +70,6 @@ def attention(q, k, v, *, mask, segment_ids, kv_segment_ids, normalizer, scale, 
         raise NotImplementedError(reason)
     softplus = isinstance(normalizer, normalizers.Softplus)
     return pallas_kernels.flash_attention(
-        q, k, v, mask=to_pallas_mask(mask), segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-        normalizer=normalizer, scale=None if softplus else scale, q_offset=q_offset,
-        return_lse=return_lse, backend=backend, interpret=interpret)
+        q, k, v, mask=mask, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, normalizer=normalizer,
+        scale=None if softplus else scale, q_offset=q_offset, return_lse=return_lse, backend=backend,
+        interpret=interpret)

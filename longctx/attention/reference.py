@@ -2,10 +2,13 @@
 
 For query t (absolute position i = q_offset + t) and query head h, with G = Hq // Hkv and kv head h // G:
 
-    allowed[t, s] = mask(i, s) and segment_ids[t] == kv_segment_ids[s] != 0
-    logits[t, s]  = scale · q[t, h] · k[s, h // G]  −  alibi_slopes[h] · |i − s|     (ALiBi term if slopes given)
-    out[t, h]     = Σ_s softmax_s(logits[t, s] where allowed, else -inf) · v[s, h // G]
-    lse[t, h]     = log Σ_{s allowed} exp(logits[t, s])
+    allowed[h, t, s] = mask(i, s, h) and segment_ids[t] == kv_segment_ids[s] != 0
+    logits[h, t, s]  = scale · q[t, h] · k[s, h // G]  −  alibi_slopes[h] · |i − s|     (ALiBi term if slopes given)
+    out[t, h]        = Σ_s softmax_s(logits[h, t, s] where allowed, else -inf) · v[s, h // G]
+    lse[t, h]        = log Σ_{s allowed} exp(logits[h, t, s])
+
+The mask is one of `pallas_kernels.masks` (the kernels' own vocabulary); one that is not `per_head` gives every head
+the same pattern, and `allowed` then has a single head row.
 
 With normalizer `Softplus` the weights are those of `normalizers.Softplus.weights` instead (their own scores; no
 scale, no ALiBi, no lse).
@@ -25,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longctx.attention import masks, normalizers
+from pallas_kernels import masks
+
+from longctx.attention import normalizers
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -70,7 +75,8 @@ def check_arguments(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mas
     if alibi_slopes is not None and tuple(np.shape(alibi_slopes)) != (Hq,):
         raise ValueError(f"alibi_slopes must have shape [Hq] = ({Hq},), got {tuple(np.shape(alibi_slopes))}")
     if not isinstance(mask, masks.Mask):
-        raise ValueError(f"mask must be a longctx.attention.masks.Mask (e.g. masks.Causal()), got {mask!r}")
+        raise ValueError(f"mask must be a pallas_kernels.masks.Mask (e.g. masks.Causal(), or masks.parse(spec)), "
+                         f"got {mask!r}")
 
     if S != T and (segment_ids is None) != (kv_segment_ids is None):
         missing = "kv_segment_ids" if kv_segment_ids is None else "segment_ids"
@@ -94,22 +100,25 @@ def check_arguments(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks.Mas
 
 
 def attention_mask(mask: masks.Mask, T: int, S: int, *, q_offset: int | jax.Array = 0,
-                   segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None) -> jax.Array:
-    """Where query t may attend to key s: bool [1, T, S] without segment ids, else [B, T, S].
+                   segment_ids: jax.Array | None = None, kv_segment_ids: jax.Array | None = None,
+                   num_heads: int = 1) -> jax.Array:
+    """Where query t of head h may attend to key s: bool [1 or B, Hm, T, S] (B with segment ids; Hm = num_heads for
+    a `per_head` mask, else 1).
 
     The mask is evaluated on iotas (q_offset may be traced), so XLA fuses it rather than embedding a [T, S] constant.
     With segment ids, a mask that is not `relative` is evaluated on positions within each segment.
     """
-    q_idx = jnp.arange(T, dtype=jnp.int32)[None, :, None] + q_offset
-    kv_idx = jnp.arange(S, dtype=jnp.int32)[None, None, :]
+    q_idx = jnp.arange(T, dtype=jnp.int32)[None, None, :, None] + q_offset
+    kv_idx = jnp.arange(S, dtype=jnp.int32)[None, None, None, :]
+    heads = jnp.arange(num_heads if mask.per_head else 1, dtype=jnp.int32)[None, :, None, None]
     if segment_ids is None:
-        return jnp.broadcast_to(mask(q_idx, kv_idx), (1, T, S))
-    q_seg, kv_seg = segment_ids[:, :, None], kv_segment_ids[:, None, :]
+        return jnp.broadcast_to(mask(q_idx, kv_idx, heads), (1, heads.shape[1], T, S))
+    q_seg, kv_seg = segment_ids[:, None, :, None], kv_segment_ids[:, None, None, :]
     same_segment = q_seg == kv_seg
     if not mask.relative:
-        first_key = jnp.min(jnp.where(same_segment, kv_idx, S), axis=-1, keepdims=True)  # [B, T, 1]; S if none
-        q_idx, kv_idx = q_idx - first_key, kv_idx - run_starts(kv_segment_ids)[:, None, :]
-    return mask(q_idx, kv_idx) & same_segment & (q_seg != 0)
+        first_key = jnp.min(jnp.where(same_segment, kv_idx, S), axis=-1, keepdims=True)  # [B, 1, T, 1]; S if none
+        q_idx, kv_idx = q_idx - first_key, kv_idx - run_starts(kv_segment_ids)[:, None, None, :]
+    return mask(q_idx, kv_idx, heads) & same_segment & (q_seg != 0)
 
 
 def run_starts(segment_ids: jax.Array) -> jax.Array:
@@ -124,6 +133,14 @@ def _grouped(q: jax.Array, num_kv_heads: int) -> jax.Array:
     """q [B, T, Hq, D] → [B, T, Hkv, G, D] (query head h = kv_head · G + g)."""
     B, T, Hq, D = q.shape
     return q.reshape(B, T, num_kv_heads, Hq // num_kv_heads, D)
+
+
+def grouped_allowed(allowed: jax.Array, num_kv_heads: int) -> jax.Array:
+    """allowed [B or 1, Hq or 1, T, S] → [B or 1, Hkv or 1, G or 1, T, S], to broadcast against grouped logits."""
+    B, H, T, S = allowed.shape
+    if H == 1:
+        return allowed[:, :, None]
+    return allowed.reshape(B, num_kv_heads, H // num_kv_heads, T, S)
 
 
 def _grouped_logits(q: jax.Array, k: jax.Array, scale: float, alibi_slopes: jax.Array | None = None,
@@ -169,18 +186,19 @@ def _heads_last(x: jax.Array) -> jax.Array:
 
 def logsumexp(q: jax.Array, k: jax.Array, *, allowed: jax.Array, scale: float,
               alibi_slopes: jax.Array | None = None, q_offset: int | jax.Array = 0) -> jax.Array:
-    """log Σ_{s allowed} exp(logits): q [B, T, Hq, D], k [B, S, Hkv, D], allowed bool [B or 1, T, S]
+    """log Σ_{s allowed} exp(logits): q [B, T, Hq, D], k [B, S, Hkv, D], allowed bool [B or 1, Hq or 1, T, S]
     → float32 [B, T, Hq], -inf where a row allows nothing. Differentiable."""
-    _, lse = _masked_softmax(_grouped_logits(q, k, scale, alibi_slopes, q_offset), allowed[:, None, None])
+    _, lse = _masked_softmax(_grouped_logits(q, k, scale, alibi_slopes, q_offset), grouped_allowed(allowed, k.shape[2]))
     return _heads_last(lse)
 
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array, *, scale: float,
                       alibi_slopes: jax.Array | None = None, q_offset: int | jax.Array = 0):
-    """Softmax attention where `allowed` [B or 1, T, S] says which keys each query sees: (out [B, T, Hq, D] float32,
-    lse [B, T, Hq] float32), 0 and -inf on rows that see nothing."""
+    """Softmax attention where `allowed` [B or 1, Hq or 1, T, S] says which keys each query sees: (out [B, T, Hq, D]
+    float32, lse [B, T, Hq] float32), 0 and -inf on rows that see nothing."""
     B, T, Hq, D = q.shape
-    probs, lse = _masked_softmax(_grouped_logits(q, k, scale, alibi_slopes, q_offset), allowed[:, None, None])
+    probs, lse = _masked_softmax(_grouped_logits(q, k, scale, alibi_slopes, q_offset),
+                                 grouped_allowed(allowed, k.shape[2]))
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32), precision=_HIGHEST)
     return out.reshape(B, T, Hq, D), _heads_last(lse)
 
@@ -201,7 +219,7 @@ def softmax_attention_backward(q: jax.Array, k: jax.Array, v: jax.Array, allowed
     logits = _grouped_logits(q, k, scale)  # [B, Hkv, G, T, S]
     row_lse = _grouped(lse[..., None], Hkv)[..., 0].transpose(0, 2, 3, 1)[..., None]  # [B, Hkv, G, T, 1]
     row_lse = jnp.where(jnp.isneginf(row_lse), jnp.inf, row_lse)
-    probs = jnp.where(allowed[:, None, None], jnp.exp(logits - row_lse), 0.0)
+    probs = jnp.where(grouped_allowed(allowed, Hkv), jnp.exp(logits - row_lse), 0.0)
     dout_g = _grouped(dout.astype(jnp.float32), Hkv)  # [B, T, Hkv, G, D]
     delta = jnp.einsum("btkgd,btkgd->bkgt", dout_g, _grouped(out.astype(jnp.float32), Hkv))
     if dlse is not None:
@@ -232,9 +250,10 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: masks
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     B, T, Hq, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
-    allowed = attention_mask(mask, T, S, q_offset=q_offset, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    allowed = attention_mask(mask, T, S, q_offset=q_offset, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                             num_heads=Hq)
     if isinstance(normalizer, normalizers.Softplus):
-        probs, lse = normalizer.weights(_grouped(q, Hkv), k, allowed[:, None, None]), None
+        probs, lse = normalizer.weights(_grouped(q, Hkv), k, grouped_allowed(allowed, Hkv)), None
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32), precision=_HIGHEST)
         out = out.reshape(B, T, Hq, D).astype(q.dtype)
     else:

@@ -2,7 +2,8 @@
 the Knots, and the config-driven grain pipeline (`pipeline.train_batches`) that yields batches of `tokens`,
 `segment_ids`, `positions`."""
 
-from longctx.data.array_records import ArrayRecordSource, write_corpus
+from longctx.data.array_records import ArrayRecordSource
+from longctx.data.corpus_writer import write_corpus
 from longctx.data.packing import packed_batches, packing_stats, padding_fraction, split_into_pieces, tokenize_documents
 from longctx.data.sources import DocumentSource, load_documents, open_source
 from longctx.data.tokenizers import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer,

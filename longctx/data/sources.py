@@ -33,14 +33,12 @@ them (`tokenize.open`, honouring a PEP 263 coding cookie); the few that Python i
 own bad-encoding test fixtures) are not part of the corpus.
 """
 
-import abc
 import array
 import collections
 import glob
 import hashlib
 import json
 import logging
-import operator
 import os
 import sysconfig
 import threading
@@ -51,7 +49,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SPLITS = ("train", "valid")
+from longctx.data.array_records import ArrayRecordSource
+from longctx.data.document_source import SPLITS, DocumentSource
+
 ON_ERROR = ("fatal", "skip")
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 FILES_PREFIX, ARRAYRECORD_PREFIX, TFDS_PREFIX = "files:", "arrayrecord:", "tfds:"
@@ -63,45 +63,6 @@ PARQUET_CACHED_ROW_GROUPS = 4  # row groups of text that a reading process keeps
 SKIPPED_SHOWN = 5  # bad documents that the on_error="skip" warning lists by location
 
 logger = logging.getLogger("longctx.data")
-
-
-class DocumentSource(abc.ABC):
-    """Random access to the documents of one split; `grain.MapDataset.source(source)` takes it as it is.
-
-    `tokenized` False: items are `str` texts; True: items are int32 arrays `[BOS] + ids + [EOS]`.
-    """
-
-    tokenized: bool = False
-
-    @abc.abstractmethod
-    def __len__(self) -> int:
-        """Number of documents in the split."""
-
-    @abc.abstractmethod
-    def __getitem__(self, index: int) -> str | np.ndarray:
-        """Document `index` (0 <= index < len; negative indices count from the end); IndexError outside."""
-
-    @abc.abstractmethod
-    def key(self, index: int) -> str:
-        """A stable id of document `index` for messages and tests, e.g. "dir/a.jsonl:17"."""
-
-    def lengths(self) -> np.ndarray | None:
-        """int64 [len]: token count of every document of a tokenized source (from its metadata); None for text."""
-        return None
-
-    @abc.abstractmethod
-    def describe(self) -> str:
-        """A one-line description: kind, spec, split, number of documents."""
-
-    def __repr__(self) -> str:
-        return self.describe()
-
-    def _checked_index(self, index: int) -> int:
-        """`index` as a non-negative int below `len(self)`; IndexError otherwise."""
-        index, size = operator.index(index), len(self)
-        if not -size <= index < size:
-            raise IndexError(f"document {index} of {self.describe()}")
-        return index % size
 
 
 def in_valid_split(key: str, valid_fraction: float) -> bool:
@@ -397,7 +358,6 @@ def open_source(spec: str, split: str, *, text_field: str = "text", valid_fracti
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"data.source must be {SPEC_GRAMMAR}; got {spec!r}")
     if spec.startswith(ARRAYRECORD_PREFIX):
-        from longctx.data.array_records import ArrayRecordSource  # Imports this module.
         return ArrayRecordSource(spec.removeprefix(ARRAYRECORD_PREFIX), split)
     if spec.startswith(TFDS_PREFIX):
         from longctx.data.tfds_source import TfdsSource  # tensorflow_datasets takes a second to import.

@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from longctx.data.sources import SPLITS, DocumentSource
+from longctx.data.document_source import SPLITS, DocumentSource
 
 logger = logging.getLogger("longctx.data")
 

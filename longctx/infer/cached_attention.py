@@ -23,7 +23,9 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from longctx.attention import attention, masks, merge_attention
+from pallas_kernels import masks
+
+from longctx.attention import attention, merge_attention
 from longctx.infer.kv_cache import CacheView
 from pallas_kernels import decode_attention
 from pallas_kernels.decode.attention import MAX_NEW_TOKENS, plan

@@ -4,11 +4,19 @@ import logging
 
 import jax
 import ml_collections
+from pallas_kernels import masks
 
 from longctx import positions
-from longctx.config import mask_from_config
 from longctx.models.llama import (Llama, LlamaConfig, check_forward, init_params, output_weights, param_structure,
                                   unscanned)
+
+
+def mask_from_config(attention: ml_collections.ConfigDict) -> masks.Mask:
+    """The mask that `model.attention.mask` (a `pallas_kernels.masks` spec string) names; errors name the field."""
+    try:
+        return masks.parse(attention.mask)
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"model.attention.mask: {error}") from None
 
 
 def build_model(model_config: ml_collections.ConfigDict, vocab_size: int, train_len: int,
@@ -73,5 +81,5 @@ def adapt_params(model: Llama, params: dict, label: str = "") -> dict:
     return {key: params[key] for key in abstract}
 
 
-__all__ = ["Llama", "adapt_params", "LlamaConfig", "build_model", "check_forward", "init_params", "output_weights",
-           "param_structure", "unscanned"]
+__all__ = ["Llama", "adapt_params", "LlamaConfig", "build_model", "check_forward", "init_params", "mask_from_config",
+           "output_weights", "param_structure", "unscanned"]

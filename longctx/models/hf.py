@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from longctx.attention import masks
+from pallas_kernels import masks
+
 from longctx.models.llama import Llama, LlamaConfig, init_params, unscanned
 from longctx.positions import from_hf_config, hf_rope_fields
 from longctx.positions.hf import hf_head_dim, rope_parameters

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.flash import attention as flash_attention_lib
+from pallas_kernels import masks
 
-from longctx.attention import attention, masks
+from longctx.attention import attention
 from longctx.infer import cached_attention
 from longctx.infer.kv_cache import CacheView, KVCache
 from longctx.parallel import context

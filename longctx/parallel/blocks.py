@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
-from longctx.attention import dispatch, masks, pallas
+from pallas_kernels import masks
+
+from longctx.attention import dispatch, pallas
 from longctx.attention.merge import merge_attention
 from longctx.attention.reference import softmax_attention, softmax_attention_backward
 from longctx.parallel import layout as layout_lib
@@ -46,10 +48,11 @@ jax.tree_util.register_dataclass(Side, data_fields=["segment_ids", "positions"],
 
 
 def _allowed(mask: masks.Mask, q: Side, kv: Side) -> jax.Array:
-    allowed = mask(q.positions[:, :, None], kv.positions[:, None, :])
+    """bool [B, 1, T, S] (one pattern for every head: context parallelism refuses per-head masks)."""
+    allowed = mask(q.positions[:, None, :, None], kv.positions[:, None, None, :])
     if q.segment_ids is None:
         return allowed
-    q_seg, kv_seg = q.segment_ids[:, :, None], kv.segment_ids[:, None, :]
+    q_seg, kv_seg = q.segment_ids[:, None, :, None], kv.segment_ids[:, None, None, :]
     return allowed & (q_seg == kv_seg) & (q_seg != 0)
 
 
@@ -94,7 +97,7 @@ def pair_call(mask: masks.Mask, q: Piece, kv: Piece) -> Call | str:
         return _FULL
     if q.stride == kv.stride == 1:
         q_hi, kv_hi = q.global_start + q.length - 1, kv.global_start + kv.length - 1
-        never, always = pallas.to_pallas_mask(mask).classify(q.global_start, q_hi, kv.global_start, kv_hi)
+        never, always = mask.classify(q.global_start, q_hi, kv.global_start, kv_hi)
         if bool(np.all(never)):
             return _EMPTY
         if bool(np.all(always)):
@@ -227,6 +230,6 @@ class KernelSteps:
         if backend is None:
             raise NotImplementedError(f"attention impl={self.impl!r} cannot run a ring step: {reason}")
         return pallas_kernels.flash_attention_backward(
-            q, k, v, out.astype(q.dtype), lse, dout.astype(q.dtype), dlse, mask=pallas.to_pallas_mask(call.mask),
+            q, k, v, out.astype(q.dtype), lse, dout.astype(q.dtype), dlse, mask=call.mask,
             segment_ids=q_seg, kv_segment_ids=kv_seg, scale=self.scale, q_offset=call.q_offset, backend=backend,
             interpret=interpret)

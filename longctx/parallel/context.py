@@ -28,9 +28,11 @@ import logging
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from longctx.attention import dispatch, masks, normalizers
+from pallas_kernels import masks
+
+from longctx.attention import dispatch, normalizers
 from longctx.attention.reference import check_arguments, run_starts
 from longctx.parallel import layout as layout_lib
 from longctx.parallel.blocks import DenseSteps, KernelSteps, Side, plan_calls
@@ -225,10 +227,14 @@ def _kernel_reason(kernel: KernelSteps, has_segment_ids: bool) -> str | None:
     return None
 
 
-def _check_strategy(strategy: str, normalizer, alibi_slopes, num_kv_heads_local: int, num_devices: int,
-                    shard_len: int) -> None:
+def _check_strategy(strategy: str, mask: masks.Mask, normalizer, alibi_slopes, num_kv_heads_local: int,
+                    num_devices: int, shard_len: int) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"context-parallel strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if mask.per_head:
+        raise NotImplementedError(f"context-parallel attention takes masks shared by every head; {mask!r} differs per "
+                                  f"head (its steps and Ulysses' head shards do not know their global head index): "
+                                  f"run it without a sequence axis")
     if strategy == "ulysses":
         if num_kv_heads_local % num_devices:
             raise NotImplementedError(
@@ -245,6 +251,22 @@ def _check_strategy(strategy: str, normalizer, alibi_slopes, num_kv_heads_local:
                          f"length, got {shard_len}")
 
 
+def _placed(x: jax.Array | None, spec: P, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> jax.Array | None:
+    """x resharded along the Explicit axes of `spec` (a no-op where it already is), so that shard_map's in_specs
+    match it. shard_map reshards Auto axes itself but refuses an Explicit-axis input sharded otherwise, and jax 0.11's
+    `jax.make_mesh` makes Explicit axes by default."""
+    explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Explicit}
+    if x is None or not explicit:
+        return x
+
+    def kept(entry):
+        names = tuple(name for name in ((entry,) if isinstance(entry, str) else entry or ()) if name in explicit)
+        return names if len(names) > 1 else (names[0] if names else None)
+
+    spec = P(*map(kept, spec))
+    return jax.sharding.reshard(x, NamedSharding(mesh, spec) if isinstance(mesh, jax.sharding.Mesh) else spec)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, strategy: str, layout: str = "contiguous",
               mask: masks.Mask = masks.Causal(), segment_ids: jax.Array | None = None,
               normalizer: str | normalizers.Normalizer = "softmax", impl: str = "auto", scale: float | None = None,
@@ -254,8 +276,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, strategy: str, layout
 
     q [B, T, Hq, D], k and v [B, T, Hkv, D] and segment_ids [B, T] are global arrays whose tokens are in `layout`'s
     order (`layout.to_layout`); batch is sharded over the mesh's data/fsdp axes, heads over its tensor axis where
-    the mesh has them. `mesh` defaults to the one set by `jax.set_mesh`. The arguments and the result are those of
-    `longctx.attention.attention` (q_offset 0, S = T), in the layout's order.
+    the mesh has them. `mesh` defaults to the one set by `jax.set_mesh`; its axes may be Auto or Explicit (as
+    `jax.make_mesh` makes them by default): inputs not yet sharded so are resharded. The arguments and the result are
+    those of `longctx.attention.attention` (q_offset 0, S = T), in the layout's order.
     """
     if impl not in dispatch.impl_names():
         raise ValueError(f"impl must be one of {', '.join(dispatch.impl_names())}, got {impl!r}")
@@ -274,7 +297,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, strategy: str, layout
     batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
     head_axis = HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
     head_shards = mesh.shape[head_axis] if head_axis else 1
-    _check_strategy(strategy, normalizer, alibi_slopes, k.shape[2] // head_shards, N, T // N)
+    _check_strategy(strategy, mask, normalizer, alibi_slopes, k.shape[2] // head_shards, N, T // N)
     x_spec, lse_spec, ids_spec = P(batch_axes, axis, head_axis, None), P(batch_axes, axis, head_axis), \
         P(batch_axes, axis)
     out_specs = (x_spec, lse_spec) if return_lse else x_spec
@@ -284,7 +307,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, strategy: str, layout
                                   impl=impl, scale=scale, return_lse=return_lse)
         slopes_spec = P(head_axis)
         return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, ids_spec, slopes_spec),
-                             out_specs=out_specs, check_vma=False)(q, k, v, segment_ids, alibi_slopes)
+                             out_specs=out_specs, check_vma=False)(
+            *(_placed(x, spec, mesh) for x, spec in ((q, x_spec), (k, x_spec), (v, x_spec), (segment_ids, ids_spec),
+                                                     (alibi_slopes, slopes_spec))))
 
     scale = D ** -0.5 if scale is None else scale
     platform, _ = dispatch.platform_of(q)
@@ -297,8 +322,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, strategy: str, layout
         out, lse = _merged_attention(setup, q, k, v, side, side)
         return (out, lse) if return_lse else out
 
+    side = Side(_placed(segment_ids, ids_spec, mesh), _placed(positions, ids_spec, mesh))
     return jax.shard_map(local, mesh=mesh, in_specs=(x_spec, x_spec, x_spec, ids_spec), out_specs=out_specs,
-                         check_vma=False)(q, k, v, Side(segment_ids, positions))
+                         check_vma=False)(*(_placed(x, x_spec, mesh) for x in (q, k, v)), side)
 
 
 def _ulysses(q, k, v, segment_ids, alibi_slopes, *, layout, axis, num_devices, mask, normalizer, impl, scale,

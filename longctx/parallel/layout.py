@@ -15,6 +15,7 @@ attention needs to know which global position each local token has (`pieces`).
 
 import dataclasses
 
+import jax
 import numpy as np
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
@@ -82,11 +83,21 @@ def to_layout(x, layout: str, num_shards: int, axis: int = 1):
     """x (numpy or jax) in natural token order along `axis` → in the layout's order."""
     if layout == "contiguous":
         return x
-    return x.take(permutation(layout, x.shape[axis], num_shards), axis=axis)
+    return _take(x, permutation(layout, x.shape[axis], num_shards), axis)
 
 
 def from_layout(x, layout: str, num_shards: int, axis: int = 1):
     """Inverse of `to_layout`."""
     if layout == "contiguous":
         return x
-    return x.take(np.argsort(permutation(layout, x.shape[axis], num_shards)), axis=axis)
+    return _take(x, np.argsort(permutation(layout, x.shape[axis], num_shards)), axis)
+
+
+def _take(x, indices: np.ndarray, axis: int):
+    """x.take(indices, axis), keeping the sharding of a jax array sharded along Explicit mesh axes (whose gathers
+    must name their output sharding)."""
+    if isinstance(x, jax.Array | jax.core.Tracer):
+        spec = jax.typeof(x).sharding.spec
+        if any(entry is not None for entry in spec):
+            return x.at[(slice(None),) * (axis % x.ndim) + (indices,)].get(out_sharding=jax.typeof(x).sharding)
+    return x.take(indices, axis=axis)

@@ -17,7 +17,8 @@ import flax.linen as nn
 from flax import struct
 import jax
 
-from longctx.attention import masks
+from pallas_kernels import masks
+
 
 AttendFn = Callable[..., jax.Array]
 """`attend_fn(q, k, v, *, within=None, **overrides) -> [B, T, Hq, D]`: `longctx.attention.attention` with the layer's

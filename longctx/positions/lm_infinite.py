@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from longctx.attention import masks, merge_attention
+from pallas_kernels import masks
+
+from longctx.attention import merge_attention
 from longctx.positions.base import AttendFn, PositionEncoding, require_causal_mask
 from longctx.positions.registry import register
 from longctx.positions.rope import RoPE, RotaryEncoding, apply_rotary, check_positive, rotary_tables

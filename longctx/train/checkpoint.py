@@ -90,7 +90,9 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, r
     if not config_path.exists():
         raise WorkdirError(f"{workdir} holds checkpoints but no {CONFIG_FILE}; refusing to guess its config "
                            "(use --overwrite to replace it, or another --workdir)")
-    differences = config_differences(json.loads(config_path.read_text()), config_as_dict(config))
+    saved = json.loads(config_path.read_text())
+    _mask_as_spec(saved)
+    differences = config_differences(saved, config_as_dict(config))
     if differences:
         raise WorkdirError(
             f"cannot resume the run in {workdir}: its config differs from this one in\n  "
@@ -143,9 +145,22 @@ def load_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
     path = workdir / CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"--workdir {workdir} holds no run: {CONFIG_FILE} is missing")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
+    _mask_as_spec(saved)
+    config = ml_collections.ConfigDict(saved)
     _fill_missing(config, base_config(), "")
     return config
+
+
+def _mask_as_spec(saved: dict[str, Any]) -> None:
+    """A run saved before masks were spec strings names its mask and its `window` / `sinks` fields apart; join them."""
+    attention = saved.get("model", {}).get("attention", {})
+    if "window" not in attention and "sinks" not in attention:
+        return
+    window, sinks = attention.pop("window", 0), attention.pop("sinks", 0)
+    params = {"sliding_window": f"(window={window})", "sinks_window": f"(sinks={sinks}, window={window})"}
+    attention["mask"] += params.get(attention["mask"], "")
+    log.info("model.attention: an older longctx's mask fields; read as the spec %r", attention["mask"])
 
 
 def _fill_missing(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict, prefix: str) -> None:

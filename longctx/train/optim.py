@@ -1,22 +1,32 @@
 """AdamW with linear warm-up, cosine decay and global-norm clipping, from optax.
 
 Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (ICLR 2019). The learning rate at update k (0-based) is
-`peak · k / warmup` during warm-up, then cosine-decays to `peak · min_lr_ratio` at `train.steps`.
+`peak · k / warmup` during warm-up, then cosine-decays to `peak · min_lr_ratio` at `train.steps`. A warm-up longer
+than the run is clamped to the run (`warmup = min(train.warmup_steps, train.steps)`), with one logged line, so a short
+run of a config written for a long one just works.
 """
+
+import logging
 
 import jax
 import ml_collections
 import optax
 
+log = logging.getLogger("longctx.train")
+
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
     """Linear warm-up over `warmup_steps` updates, then cosine decay over the rest (at least one update)."""
     peak = train.learning_rate
-    decay = optax.cosine_decay_schedule(peak, max(train.steps - train.warmup_steps, 1), alpha=train.min_lr_ratio)
-    if train.warmup_steps == 0:
+    warmup_steps = min(train.warmup_steps, train.steps)
+    if warmup_steps < train.warmup_steps:
+        log.warning("train.warmup_steps=%d is longer than the run (train.steps=%d): warming up over all %d steps",
+                    train.warmup_steps, train.steps, train.steps)
+    decay = optax.cosine_decay_schedule(peak, max(train.steps - warmup_steps, 1), alpha=train.min_lr_ratio)
+    if warmup_steps == 0:
         return decay
-    warmup = optax.linear_schedule(0.0, peak, train.warmup_steps)
-    return optax.join_schedules([warmup, decay], [train.warmup_steps])
+    warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
 def decays(params) -> dict:

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longctx.attention import attention, dispatch, masks, reference_attention
+from pallas_kernels import masks
+
+from longctx.attention import attention, dispatch, reference_attention
 from longctx.attention.dispatch import Request, cudnn_unsupported_reason
 
 S = 8
@@ -187,7 +189,7 @@ def _args(**changes):
     ({"q": jnp.zeros((2, 4, 4, 16)), "segment_ids": np.ones((2, 4), np.int32)},
      r"kv_segment_ids is required when the other is given and S != T \(S=8, T=4\)"),
     ({"q": jnp.zeros((2, 4, 4, 16)), "kv_segment_ids": np.ones((2, S), np.int32)}, r"segment_ids is required"),
-    ({"mask": "causal"}, r"mask must be a longctx.attention.masks.Mask"),
+    ({"mask": "causal"}, r"mask must be a pallas_kernels.masks.Mask .*masks.parse\(spec\)"),
     ({"mask": masks.Explicit(np.ones((4, 4), bool))}, r"Explicit mask has shape \(4, 4\)"),
     ({"q_offset": -1}, r"q_offset must be >= 0, got -1"),
     ({"q_offset": 1.5}, r"q_offset must be an int or an integer scalar array, got 1.5"),

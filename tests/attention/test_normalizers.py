@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longctx.attention import attention, masks, normalizers, reference_attention
+from pallas_kernels import masks
+
+from longctx.attention import attention, normalizers, reference_attention
 from oracles import naive_allowed, naive_attention
 
 B, T, D = 2, 9, 16

@@ -1,6 +1,6 @@
 """impl="pallas" through longctx dispatch: the kernels (Triton backend in interpret mode on CPU, compiled on a GPU)
-against longctx's own reference on longctx masks, segment ids and softplus, forward, lse and gradients; and every
-refusal named before any work.
+against longctx's own reference on every kind of mask (per-head ones included), segment ids and softplus, forward,
+lse and gradients; and every refusal named before any work.
 
 Tolerances: float32, 5e-5 (atol and rtol; gradients relative to their largest magnitude).
 """
@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longctx.attention import attention, dispatch, masks, normalizers, pallas
+from pallas_kernels import masks
+
+from longctx.attention import attention, dispatch, normalizers, pallas
 from longctx.attention.dispatch import Request
 
 T = 128
@@ -40,7 +42,10 @@ def _loss(impl, return_lse, **kwargs):
     dict(mask=masks.Distant(30) | masks.SlidingWindow(8)),
     dict(mask=masks.Causal(), segment_ids=SEGMENTS, normalizer="softplus"),
     dict(mask=masks.SlidingWindow(40), segment_ids=SEGMENTS, normalizer=normalizers.Softplus(reweight=True)),
-], ids=["causal", "window_packed", "sinks_window", "union", "softplus_packed", "softplus_reweighted_packed"])
+    dict(mask=masks.StridedHeads(block=32, local_blocks=1, stride=2)),
+    dict(mask=masks.BlockMask(np.stack([np.eye(2, dtype=bool), np.tril(np.ones((2, 2), bool))] * 2), 64, 64)),
+], ids=["causal", "window_packed", "sinks_window", "union", "softplus_packed", "softplus_reweighted_packed",
+        "s2_strided_heads", "per_head_block_mask"])
 def test_pallas_matches_reference(case):
     q, k, v = _qkv()
     return_lse = case.get("normalizer", "softmax") == "softmax"
@@ -59,7 +64,8 @@ def test_pallas_matches_reference(case):
 
 
 @pytest.mark.parametrize("changes, match", [
-    (dict(mask=masks.Explicit(np.tril(np.ones((T, T), bool)))), r"static mask specs, not Explicit"),
+    (dict(mask=masks.Explicit(np.tril(np.ones((T, T), bool)))),
+     r"Explicit\(<128x128 bool, 8256 allowed>\) leaves partial .* blocks but cannot be evaluated in a kernel"),
     (dict(mask=masks.SinksAndWindow(4, 20), segment_ids=SEGMENTS),
      r"with segment ids longctx evaluates a mask that is not relative on positions within each document"),
     (dict(alibi_slopes=np.ones(4, np.float32)), r"add no ALiBi bias"),

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longctx.attention import masks, reference_attention
+from pallas_kernels import masks
+
+from longctx.attention import reference_attention
 from oracles import naive_allowed, naive_attention
 
 S = 8

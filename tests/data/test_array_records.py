@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from longctx.data import array_records
-from longctx.data.array_records import ArrayRecordSource, write_corpus
+from longctx.data.array_records import ArrayRecordSource
+from longctx.data.corpus_writer import write_corpus
 from longctx.data.sources import load_documents, open_source
 from longctx.data.tokenizers import ByteTokenizer
 

@@ -9,7 +9,7 @@ import pytest
 
 from longctx.config import base_config, validate
 from longctx.data import ByteTokenizer, pipeline
-from longctx.data.array_records import write_corpus
+from longctx.data.corpus_writer import write_corpus
 from resume_checks import assert_resumes_from_state
 
 TOKENIZER = ByteTokenizer()

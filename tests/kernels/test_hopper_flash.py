@@ -34,7 +34,7 @@ class HopperTests(FlashAttentionTests):
 
     def test_one_compute_warpgroup(self):
         q, k, v = _inputs(B=2, Hq=2, Hkv=1, dtype=self.dtype)
-        self.check(q, k, v, mask=masks.sinks_and_window(4, 40), segment_ids=_packed_segments(2, 256),
+        self.check(q, k, v, mask=masks.SinksAndWindow(4, 40), segment_ids=_packed_segments(2, 256),
                    block_sizes=ONE_WARPGROUP)
 
     def test_refusals_name_the_combination(self):

@@ -10,7 +10,7 @@ from pallas_kernels.flash import layout as layout_lib
 from pallas_kernels.flash import segments
 
 MASKS = [
-    masks.Full(), masks.Causal(), masks.SlidingWindow(37), masks.sinks_and_window(5, 40), masks.Distant(50),
+    masks.Full(), masks.Causal(), masks.SlidingWindow(37), masks.SinksAndWindow(5, 40), masks.Distant(50),
     masks.ChunkedLocal(48), masks.StridedHeads(block=32, local_blocks=2, stride=3),
     masks.SlidingWindow(20) | masks.Distant(100), masks.Causal() & masks.ChunkedLocal(64),
     masks.BlockMask(np.tril(np.ones((4, 8), bool), 1), 64, 32),

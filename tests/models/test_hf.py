@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
+from pallas_kernels import masks
+
 from longctx import positions
-from longctx.attention import masks
 from longctx.models import Llama, hf
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "hf"

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import masks
+
 from longctx import positions
-from longctx.attention import masks
 from longctx.models import Llama, LlamaConfig, init_params, unscanned
 
 from gpus import hopper_present

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longctx.attention import attention, masks
+from pallas_kernels import masks
+
+from longctx.attention import attention
 from longctx.parallel import context, layout as layout_lib
 
 N = 4  # devices on the sequence axis
@@ -72,6 +74,21 @@ def check(mesh, strategy, layout, mask, segment_ids, impl, num_kv_heads=HKV):
 @pytest.mark.parametrize("strategy", context.STRATEGIES)
 def test_equals_single_device_attention(mesh, strategy, case, layout):
     check(mesh, strategy, layout, *CASES[case], impl="reference")
+
+
+@pytest.mark.parametrize("strategy", context.STRATEGIES)
+def test_each_strategy_under_the_default_axes_of_jax_make_mesh(mesh, strategy):
+    """jax 0.11's jax.make_mesh makes Explicit axes: plain, unsharded inputs under jax.set_mesh are resharded to what
+    the strategy needs, eagerly and under jit (forward, lse and gradients), with single-device attention's result."""
+    explicit = jax.make_mesh((2, N), ("data", "sequence"))
+    assert set(explicit.axis_types) == {jax.sharding.AxisType.Explicit}
+    check(explicit, strategy, "zigzag", *CASES["documents"], impl="reference")
+    q, k, v = _inputs()
+    with jax.set_mesh(explicit):
+        out = context.attention(q, k, v, strategy=strategy, mask=masks.Causal(), impl="reference")
+    assert out.sharding.spec == jax.sharding.PartitionSpec("data", "sequence", None, None)
+    np.testing.assert_allclose(out, attention(q, k, v, mask=masks.Causal(), impl="reference"), atol=TOLERANCE,
+                               rtol=TOLERANCE)
 
 
 @pytest.mark.parametrize("strategy, layout, case", [

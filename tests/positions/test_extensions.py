@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import masks
+
 from longctx import positions
-from longctx.attention import attention, masks
+from longctx.attention import attention
 from longctx.models import Llama, LlamaConfig, init_params
 from longctx.positions.alibi import alibi_slopes
 from oracles import naive_allowed, naive_attention, rotate

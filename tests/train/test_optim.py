@@ -26,6 +26,19 @@ def test_schedule_matches_its_formula(warmup, steps):
                                    rtol=1e-5, atol=1e-9, err_msg=f"update {k}")
 
 
+def test_a_warmup_longer_than_the_run_is_clamped_to_it_with_one_logged_line(caplog):
+    config = config_lib.base_config()
+    config.train.update(learning_rate=2e-3, warmup_steps=30, steps=12, min_lr_ratio=0.1)
+    config_lib.validate(config)  # accepted: a short run of a long run's config
+    with caplog.at_level("WARNING", logger="longctx.train"):
+        schedule = learning_rate_schedule(config.train)
+    assert [r.getMessage() for r in caplog.records] == [
+        "train.warmup_steps=30 is longer than the run (train.steps=12): warming up over all 12 steps"]
+    for k in range(14):
+        np.testing.assert_allclose(float(schedule(k)), expected_learning_rate(k, 2e-3, 12, 12, 0.1), rtol=1e-5,
+                                   atol=1e-9, err_msg=f"update {k}")
+
+
 def test_weight_decay_skips_vectors():
     import jax.numpy as jnp
     train = config_lib.base_config().train
