@@ -12,7 +12,7 @@ demo: $(STAMP)
 	$(PY) -m longctx.eval --workdir $(DEMO_DIR) --lengths 256,512,1024,2048 --positions all --overwrite
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto tests
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=15 tests
 
 venv: $(STAMP)
 

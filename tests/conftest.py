@@ -1,8 +1,12 @@
 """Shared fixtures: a small deterministic text corpus and a config that trains on it in seconds."""
 
+import atexit
+import importlib.util
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
 # Before jax is imported, and inherited by the command-line runs tests start: float32 matmuls at full precision, so
 # oracle comparisons hold their tolerances on GPUs too (their float32 default is TF32-class) and in-process and
@@ -10,6 +14,18 @@ import pathlib
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # Eight CPU devices for the sharding tests (tests/parallel); everything else runs on the first.
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"])
+# One persistent compilation cache for the session: made here in the first process (pytest-xdist's controller, which
+# loads this file before it starts its workers) and inherited, with the variables below, by the workers and by the
+# command-line runs, notebook kernels and multi-process workers that tests start. Every train() call jits its step
+# and initialisation afresh and eager shard_map compiles each operation at every call, so the suite compiles the same
+# programs many times; with the cache every repeat loads the executable compiled the first time (the same code, so
+# the same results bit for bit). Compiling dominates the suite's time on a CPU. Only where jax has no accelerator
+# plugin (jax_plugins): on a GPU the tests that read compiled programs' text get them compiled, not deserialised.
+CPU_ONLY_JAX = importlib.util.find_spec("jax_plugins") is None
+if CPU_ONLY_JAX and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="longctx-tests-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # eager ops compile in milliseconds
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -20,6 +36,10 @@ from longctx.train.determinism import request_deterministic_gpu_ops  # noqa: E40
 
 request_deterministic_gpu_ops()  # before any test computes: exact-resume tests compare losses bit for bit
 jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])  # if a plugin beat us
+if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")))
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -4,9 +4,11 @@ matters."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from longctx import positions
-from longctx.models import Llama, LlamaConfig, init_params
+from longctx.models import Llama, LlamaConfig, init_params, param_structure
 
 CONFIG = LlamaConfig(vocab_size=41, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=16, attention_impl="xla")
@@ -23,9 +25,19 @@ def scheme_model(name: str, **config) -> Llama:
     return Llama(dataclasses.replace(CONFIG, **config), position_scheme=scheme)
 
 
+# Initial params depend on the seed, init_std and the shapes of the param tree alone (not on the position scheme or the
+# attention implementation), so models that share these share one computation of them (a compilation of init).
+_RANDOM_PARAMS = {}
+
+
 def random_params(model: Llama, seed: int = 0):
-    """Initial params with every leaf perturbed, so zero-initialised ones (CLEX's ODE output) matter too."""
-    params = init_params(model, jax.random.key(seed))[0]
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    """Initial params with every leaf perturbed (numpy noise: nothing to compile), so zero-initialised ones (CLEX's
+    ODE output) matter too."""
+    shapes = jax.tree_util.tree_flatten_with_path(param_structure(model)[0])[0]
+    key = (seed, model.config.init_std, tuple((jax.tree_util.keystr(path), leaf.shape) for path, leaf in shapes))
+    if key not in _RANDOM_PARAMS:
+        rng = np.random.default_rng(seed)
+        _RANDOM_PARAMS[key] = jax.tree.map(
+            lambda x: jnp.asarray(np.asarray(x) + np.float32(0.05) * rng.standard_normal(x.shape, np.float32)),
+            init_params(model, jax.random.key(seed))[0])
+    return jax.tree.map(lambda x: x, _RANDOM_PARAMS[key])  # a tree of its own: callers may replace leaves

@@ -13,7 +13,7 @@ Policies (`POLICIES`):
   themselves and vote for the earlier ones: with their encoded queries q_i (sown by the prefill, `Llama(observe=w)`)
   and the cached keys k_j of the same layer, kv head h collects
 
-      votes_h(j) = Σ_{i in window} Σ_{query heads g of h} softmax_j(q_{i,g} · k_{j,h} / sqrt(D))    (j before the window)
+    votes_h(j) = Σ_{i in window} Σ_{query heads g of h} softmax_j(q_{i,g} · k_{j,h} / sqrt(D))    (j before the window)
 
   (the softmax over all the keys query i sees, the window's included), max-pooled over `pool_size` neighbouring
   earlier tokens so that a kept token brings its context; the k_b − w earlier tokens of most votes are kept.

@@ -28,7 +28,7 @@ from longctx.models import Llama, unscanned
 
 logger = logging.getLogger("longctx.infer")
 WIDTH_GRANULE = 64  # prompt widths round up to a multiple of this (or of the prefill chunk): fewer compilations
-CACHE_GRANULE = 128  # cache lengths round up to a multiple of this (and of the page size): kernels' key blocks divide it
+CACHE_GRANULE = 128  # cache lengths round up to a multiple of this (and of the page size): key blocks divide it
 CACHE_KINDS = ("auto", "encoded", "raw")
 
 

@@ -36,13 +36,25 @@ def make_qkv(T, Hq, Hkv, D=16, B=2, seed=0, dtype=np.float32):
                  for shape in ((B, T, Hq, D), (B, S, Hkv, D), (B, S, Hkv, D)))
 
 
-def _loss(impl, **kwargs):
+# Each case's few dozen ops compile faster as one program than one by one, and on the CPU faster still without
+# LLVM's optimisations (a program run once on tiny inputs; its values equal the optimised one's up to rounding).
+FAST_COMPILE = {"xla_backend_optimization_level": 0} if jax.devices()[0].platform == "cpu" else None
+
+
+def _compiled(f, impl, q, k, v, **kwargs):
+    """f(impl, q, k, v, **kwargs) under jit with FAST_COMPILE, the kwargs static."""
+    return jax.jit(lambda q, k, v: f(impl, q, k, v, **kwargs), compiler_options=FAST_COMPILE)(q, k, v)
+
+
+def _forward_and_gradients(impl, q, k, v, **kwargs):
+    """((out, lse), the gradients (dq, dk, dv) of a loss on both) from one pass: the forward runs once."""
     def loss(q, k, v):
         out, lse = attention(q, k, v, impl=impl, return_lse=True, **kwargs)
         weights = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
-        return jnp.sum(out * weights) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * 0.3)
+        return jnp.sum(out * weights) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * 0.3), (out, lse)
 
-    return loss
+    (_, result), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return result, grads
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -56,10 +68,8 @@ def test_xla_matches_reference_forward_and_gradients(mask, config):
     q_seg = None if kv_seg is None else kv_seg[:, q_offset:q_offset + T]
     kwargs = dict(mask=mask, q_offset=q_offset, segment_ids=q_seg, kv_segment_ids=kv_seg)
     with jax.default_matmul_precision("highest"):
-        out, lse = attention(q, k, v, impl="xla", return_lse=True, **kwargs)
-        ref_out, ref_lse = attention(q, k, v, impl="reference", return_lse=True, **kwargs)
-        grads = jax.grad(_loss("xla", **kwargs), argnums=(0, 1, 2))(q, k, v)
-        ref_grads = jax.grad(_loss("reference", **kwargs), argnums=(0, 1, 2))(q, k, v)
+        (out, lse), grads = _compiled(_forward_and_gradients, "xla", q, k, v, **kwargs)
+        (ref_out, ref_lse), ref_grads = _compiled(_forward_and_gradients, "reference", q, k, v, **kwargs)
     np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
     np.testing.assert_allclose(lse, ref_lse, atol=1e-5, rtol=1e-5)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flash_test_base import INTERPRET_COMPILER_OPTIONS
 from pallas_kernels import masks
 
 from longctx.attention import attention, dispatch, normalizers, pallas
@@ -21,18 +22,31 @@ IMPL = "pallas" if jax.devices()[0].platform == "gpu" else "pallas_interpret"
 
 
 def _qkv(B=2, T=T, S=T, Hq=4, Hkv=2, D=64, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.key(3), 3)
-    return tuple(jax.random.normal(key, shape, jnp.float32).astype(dtype) for key, shape in
-                 zip(keys, ((B, T, Hq, D), (B, S, Hkv, D), (B, S, Hkv, D))))
+    """Standard normal q, k, v, drawn in numpy (jax.random would compile a sampler for every shape)."""
+    rng = np.random.default_rng(3)
+    return tuple(jnp.asarray(rng.standard_normal(shape, np.float32)).astype(dtype)
+                 for shape in ((B, T, Hq, D), (B, S, Hkv, D), (B, S, Hkv, D)))
+
+
+def _value(result, return_lse):
+    """The loss on attention's result: Σ out² (+ 0.3 Σ lse over finite lse)."""
+    if not return_lse:
+        return jnp.sum(result ** 2)
+    out, lse = result
+    return jnp.sum(out ** 2) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * 0.3)
 
 
 def _loss(impl, return_lse, **kwargs):
+    return lambda q, k, v: _value(attention(q, k, v, impl=impl, return_lse=return_lse, **kwargs), return_lse)
+
+
+def _forward_and_gradients(impl, return_lse, q, k, v, **kwargs):
+    """(out or (out, lse), the gradients (dq, dk, dv) of `_value`) from one pass: the forward runs once."""
     def loss(q, k, v):
-        if not return_lse:
-            return jnp.sum(attention(q, k, v, impl=impl, **kwargs) ** 2)
-        out, lse = attention(q, k, v, impl=impl, return_lse=True, **kwargs)
-        return jnp.sum(out ** 2) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * 0.3)
-    return loss
+        result = attention(q, k, v, impl=impl, return_lse=return_lse, **kwargs)
+        return _value(result, return_lse), result
+    (_, result), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+    return result, grads
 
 
 @pytest.mark.parametrize("case", [
@@ -50,16 +64,19 @@ def test_pallas_matches_reference(case):
     q, k, v = _qkv()
     return_lse = case.get("normalizer", "softmax") == "softmax"
     with jax.default_matmul_precision("highest"):
-        ours = attention(q, k, v, impl=IMPL, return_lse=return_lse, **case)
-        theirs = attention(q, k, v, impl="reference", return_lse=return_lse, **case)
-        grads = jax.grad(_loss(IMPL, return_lse, **case), (0, 1, 2))(q, k, v)
-        expected = jax.grad(_loss("reference", return_lse, **case), (0, 1, 2))(q, k, v)
+        # The kernels under jit: forward and backward compile as one program (eagerly, each kernel and op apart),
+        # in interpret mode as the kernel tests compile them.
+        ours, grads = jax.jit(lambda q, k, v: _forward_and_gradients(IMPL, return_lse, q, k, v, **case),
+                              compiler_options=INTERPRET_COMPILER_OPTIONS if IMPL == "pallas_interpret" else None)(
+            q, k, v)
+        theirs, expected = _forward_and_gradients("reference", return_lse, q, k, v, **case)
+    ours, theirs, grads, expected = jax.tree.map(np.asarray, (ours, theirs, grads, expected))
     for got, want in zip(ours if return_lse else (ours,), theirs if return_lse else (theirs,)):
         np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
         np.testing.assert_allclose(np.where(np.isinf(got), 0, got), np.where(np.isinf(want), 0, want), atol=5e-5,
                                    rtol=5e-5)
     for got, want in zip(grads, expected):
-        scale = max(1.0, float(jnp.max(jnp.abs(want))))
+        scale = max(1.0, float(np.max(np.abs(want))))
         np.testing.assert_allclose(got / scale, want / scale, atol=5e-5, rtol=5e-5)
 
 

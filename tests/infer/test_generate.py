@@ -2,6 +2,7 @@
 loop that re-runs the whole sequence for each token."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +36,28 @@ def test_keys_are_encoded_once_exactly_for_fixed_tables_and_plain_attention():
     assert set(ENCODED) == {"abf", "linear", "llama3", "none", "ntk", "proportional", "rope", "yarn"}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def forward(model, params, tokens, positions=None, segment_ids=None):
+    """The full-sequence forward, compiled once per model and shape (equal models share it)."""
+    return model.apply({"params": params}, tokens, positions, segment_ids)
+
+
+def up_to(batch, stop):
+    """tokens, positions, segment_ids of `batch` with the columns from `stop` on blanked as padding (token 0, position
+    0, segment 0). Under the causal mask the logits of the earlier columns are those of the forward over columns
+    :stop, and the length that some schemes follow, max(position) + 1, is the one reached at `stop` too; one shape
+    serves every `stop`."""
+    kept = np.arange(batch["tokens"].shape[1])[None] < stop
+    return tuple(jnp.asarray(np.where(kept, batch[key], 0)) for key in ("tokens", "positions", "segment_ids"))
+
+
 @pytest.mark.parametrize("name,cache_kind,page_size,impl", CACHES)
 def test_cached_decoding_equals_the_full_forward(name, cache_kind, page_size, impl):
     """Rows of different prompt lengths, left-padded, prefilled in chunks and decoded a token at a time: every call's
     logits equal those of the full forward over the same padded batch up to the call's last column (schemes that
     follow the length, dynamic NTK and CLEX, see the length reached so far, as in generation), for caches of raw and
     of encoded keys, contiguous and paged. Prefill chunks of 3 and 13 columns and the decoding steps run the decoding
-    kernel's path; the chunk of 32 columns the prefill path."""
+    kernel's path; the chunk of 32 columns the prefill path. One compiled forward serves every call (`up_to`)."""
     # The Triton kernels' smallest head dim; layers scanned, as the GPU configs run them (a pallas_call in a scanned
     # layer once failed flax's nn.scan).
     sizes = {"head_dim": 64, "scan_layers": True} if impl == "pallas_interpret" else {}
@@ -61,14 +77,12 @@ def test_cached_decoding_equals_the_full_forward(name, cache_kind, page_size, im
         full["tokens"][row, width:width + len(rest)] = rest
         full["positions"][row, width:] = n + np.arange(total - width)
     reference = model.clone(config=dataclasses.replace(model.config, attention_impl="xla"))
-    forward = jax.jit(lambda params, tokens, pos, seg: reference.apply({"params": params}, tokens, pos, seg))
     cached = jax.jit(lambda params, cache, tokens, pos: model.apply({"params": params}, tokens, pos, cache=cache))
     cache = empty_cache(model, 2, total, starts=batch["starts"], encoded=cache_kind == "encoded", page_size=page_size)
     for start, stop in [(0, 3), (3, 16), (16, 48)] + [(t, t + 1) for t in range(width, total)]:
         columns = [jnp.asarray(full[key][:, start:stop]) for key in ("tokens", "positions")]
         logits, cache = cached(params, cache, *columns)
-        expected = forward(params, *(jnp.asarray(full[key][:, :stop]) for key in ("tokens", "positions",
-                                                                                    "segment_ids")))[:, start:]
+        expected = forward(reference, params, *up_to(full, stop))[:, start:stop]
         real = full["segment_ids"][:, start:stop] > 0
         np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(expected)[real], atol=2e-5, rtol=2e-5,
                                    err_msg=f"columns {start}:{stop}")
@@ -79,21 +93,28 @@ def test_left_padding_does_not_change_a_row():
     model = scheme_model("rope")
     params = random_params(model)
     prompt = np.arange(1, 10, dtype=np.int32)
-    alone = model.apply({"params": params}, prompt[None])
+    alone = forward(model, params, prompt[None])
     batch = left_padded([prompt], 16, pad_id=0)
     segment_ids = (np.arange(16)[None] >= batch["starts"][:, None]).astype(np.int32)
-    padded = model.apply({"params": params}, batch["tokens"], batch["positions"], segment_ids)
+    padded = forward(model, params, batch["tokens"], batch["positions"], segment_ids)
     np.testing.assert_allclose(padded[0, 7:], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def naive_greedy(model, params, prompt, max_new_tokens, stop_ids=()):
-    tokens = list(prompt)
-    for _ in range(max_new_tokens):
-        logits = model.apply({"params": params}, jnp.asarray(tokens, jnp.int32)[None])
-        tokens.append(int(jnp.argmax(logits[0, -1])))
-        if tokens[-1] in stop_ids:
-            break
-    return np.asarray(tokens[len(prompt):], np.int32)
+    """Greedy continuation by re-running the whole sequence for each token. The sequence grows in a buffer of a
+    multiple of 32 columns (one compilation for the prompts of a test), the columns not generated yet blanked as
+    padding (`up_to`)."""
+    width = -(-(len(prompt) + max_new_tokens) // 32) * 32
+    sequence = {"tokens": np.zeros(width, np.int32), "positions": np.arange(width, dtype=np.int32),
+                "segment_ids": np.ones(width, np.int32)}
+    sequence["tokens"][:len(prompt)] = prompt
+    sequence = {key: value[None] for key, value in sequence.items()}
+    for n in range(len(prompt), len(prompt) + max_new_tokens):
+        logits = forward(model, params, *up_to(sequence, n))
+        sequence["tokens"][0, n] = int(jnp.argmax(logits[0, n - 1]))
+        if sequence["tokens"][0, n] in stop_ids:
+            return sequence["tokens"][0, len(prompt):n + 1]
+    return sequence["tokens"][0, len(prompt):len(prompt) + max_new_tokens]
 
 
 @pytest.mark.parametrize("name,scan_layers", [("rope", False), ("yarn", True), ("self_extend", False)])

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flash_test_base import INTERPRET_COMPILER_OPTIONS
 from pallas_kernels import decode_attention
 from pallas_kernels.decode import attention
 
@@ -95,13 +96,20 @@ class DecodeTests:
     head_dim = 64
     kernel_options = {"block_k": 16, "num_splits": 3}  # 8 blocks of the full cache, 3 uneven splits
 
-    def decode(self, q, k, v, lengths, dtype=jnp.float32, **kwargs):
+    def attend(self, **kwargs):
+        """decode_attention(q, k, v, lengths, **arrays) under jit, with kwargs static and the class's kernel options
+        unless given: the kernel and the ops around it compile as one program (in interpret mode with the flash
+        tests' INTERPRET_COMPILER_OPTIONS), once for every call of the result."""
         options = {} if self.backend == "reference" else self.kernel_options
         kwargs = {**options, **kwargs}
-        if kwargs.get("starts") is not None:
-            kwargs["starts"] = jnp.asarray(kwargs["starts"], jnp.int32)
-        return decode_attention(_as(q, dtype), _as(k, dtype), _as(v, dtype), jnp.asarray(lengths),
-                                backend=self.backend, interpret=self.interpret, **kwargs)
+        return jax.jit(lambda q, k, v, lengths, **arrays: decode_attention(
+            q, k, v, lengths, backend=self.backend, interpret=self.interpret, **arrays, **kwargs),
+            compiler_options=INTERPRET_COMPILER_OPTIONS if self.interpret else None)
+
+    def decode(self, q, k, v, lengths, dtype=jnp.float32, **kwargs):
+        arrays = {name: jnp.asarray(kwargs.pop(name), jnp.int32) for name in ("starts", "block_tables")
+                  if kwargs.get(name) is not None}
+        return self.attend(**kwargs)(_as(q, dtype), _as(k, dtype), _as(v, dtype), jnp.asarray(lengths), **arrays)
 
     def check(self, out, expected, tolerance=F32_TOLERANCE):
         out = np.asarray(jnp.asarray(out).astype(jnp.float32))
@@ -164,26 +172,28 @@ class DecodeTests:
     @pytest.mark.parametrize("paged,sinks,window", [(False, 0, None), (True, 5, 20)])
     def test_layer_of_a_stacked_cache(self, paged, sinks, window):
         """Caches [3, ..] of three different layers (left-padded) with layer=l give exactly the answer of k[l], v[l],
-        eagerly and under jit with l traced (clipped: layer 7 is layer 2)."""
+        l an int and, under jit, traced (clipped: layer 7 is layer 2). Each compiled call serves every layer it can."""
         lengths, starts = (3, 17, 45, S), (20, 5, 30, 60)
         q, _, _, lengths = _inputs(HEADS["gqa"], D=self.head_dim, lengths=lengths)
         k, v = (np.stack(x) for x in zip(*(_inputs(HEADS["gqa"], D=self.head_dim, lengths=lengths, seed=seed)[1:3]
                                             for seed in range(3))))
         for b, start in enumerate(starts):
             k[:, b, :start], v[:, b, :start] = np.nan, np.nan
-        options = dict(starts=starts, sinks=sinks, window=window)
+        arrays = dict(starts=jnp.asarray(starts, jnp.int32))
         if paged:
-            options["block_tables"] = jnp.asarray(_paged(k[0], lengths, 32, starts=starts)[1])
+            arrays["block_tables"] = jnp.asarray(_paged(k[0], lengths, 32, starts=starts)[1])
             k, v = (np.stack([_paged(layer, lengths, 32, starts=starts)[0] for layer in x]) for x in (k, v))
-        k, v = jnp.asarray(k), jnp.asarray(v)
-        expected = {l: np.asarray(self.decode(q, k[l], v[l], lengths, **options)) for l in (0, 2)}
+        q, k, v, lengths = (jnp.asarray(x) for x in (q, k, v, lengths))
+        one_layer = self.attend(sinks=sinks, window=window)
+        expected = {l: np.asarray(one_layer(q, k[l], v[l], lengths, **arrays)) for l in (0, 2)}
         assert not np.array_equal(expected[0], expected[2])
-        attend = jax.jit(lambda k, v, layer: self.decode(q, k, v, lengths, layer=layer, **options))
-        attend_one = jax.jit(lambda k, v: self.decode(q, k, v, lengths, **options))
+        traced = self.attend(sinks=sinks, window=window)
         for l in (0, 2):
-            np.testing.assert_array_equal(np.asarray(self.decode(q, k, v, lengths, layer=l, **options)), expected[l])
-            np.testing.assert_array_equal(np.asarray(attend(k, v, jnp.int32(l))), np.asarray(attend_one(k[l], v[l])))
-        np.testing.assert_array_equal(np.asarray(attend(k, v, jnp.int32(7))), np.asarray(attend_one(k[2], v[2])))
+            np.testing.assert_array_equal(
+                np.asarray(self.attend(sinks=sinks, window=window, layer=l)(q, k, v, lengths, **arrays)), expected[l])
+            np.testing.assert_array_equal(np.asarray(traced(q, k, v, lengths, layer=jnp.int32(l), **arrays)),
+                                          expected[l])
+        np.testing.assert_array_equal(np.asarray(traced(q, k, v, lengths, layer=jnp.int32(7), **arrays)), expected[2])
 
     def test_num_splits_do_not_change_the_answer(self):
         if self.backend == "reference":

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from flash_test_base import FlashAttentionTests, _inputs, _packed_segments
+from flash_test_base import FlashAttentionTests, _inputs
 from gpus import hopper_present
 from pallas_kernels import BlockSizes, flash_attention, masks
 from pallas_kernels.gpu import hopper_flash
@@ -23,6 +23,7 @@ ONE_WARPGROUP = BlockSizes(64, 64, 64, 64, 64, 64)  # one compute warpgroup in e
 class HopperTests(FlashAttentionTests):
     backend = "mosaic_gpu"
     dtype = jnp.bfloat16
+    block = 64  # the smallest block a compute warpgroup takes: sequences of 256, two 128-blocks at the defaults
     block_sizes = None  # the backend's defaults: two compute warpgroups wherever the lengths allow
     low_precision_dtypes = (jnp.bfloat16, jnp.float16)
     supports_softplus = False
@@ -33,8 +34,7 @@ class HopperTests(FlashAttentionTests):
         return super().attend(q, k, v, **kwargs)
 
     def test_one_compute_warpgroup(self):
-        q, k, v = _inputs(B=2, Hq=2, Hkv=1, dtype=self.dtype)
-        self.check(q, k, v, mask=masks.SinksAndWindow(4, 40), segment_ids=_packed_segments(2, 256),
+        self.check(*self.inputs(B=2), mask=self.masks["sinks_window"], segment_ids=self.segments(),
                    block_sizes=ONE_WARPGROUP)
 
     def test_refusals_name_the_combination(self):
@@ -49,22 +49,26 @@ class HopperTests(FlashAttentionTests):
             self.attend(q, k, v, block_sizes=BlockSizes(block_q=256))
         with pytest.raises(NotImplementedError, match="block_kv must be a multiple of 64"):
             self.attend(q, k, v, block_sizes=BlockSizes(block_kv=32))
-        q, k, v = _inputs(T=512, S=512, D=256, dtype=self.dtype)
+        q, k, v = _inputs(D=256, dtype=self.dtype)
         with pytest.raises(NotImplementedError, match="shared memory"):
             self.attend(q, k, v, block_sizes=BlockSizes(block_kv=256))
 
 
 class TestHopperInterpret(HopperTests):
     """Interpret mode simulates every warpgroup, barrier, copy and wgmma on the CPU (about a millisecond each), so it
-    runs the masks whose kernel paths differ — no partial blocks (block mask), causal, per-head (S2), a union (sinks +
-    window), sliding window — and float16 besides bfloat16; full, chunked-local and distant run compiled only."""
+    runs the masks whose kernel paths differ — no partial blocks (the block mask, in test_empty_blocks_are_never_read),
+    causal, per-head (S2), a union (sinks + window), sliding window — and float16 besides bfloat16; full, chunked-local
+    and distant run compiled only."""
 
     interpret = True
 
-    @pytest.mark.parametrize("mask_name", ["block_mask", "causal", "s2_strided_heads", "sinks_window",
-                                           "sliding_window"])
-    def test_mask_forward_lse_and_gradients(self, mask_name):
+    @pytest.mark.parametrize("mask_name", ["causal", "s2_strided_heads", "sinks_window", "sliding_window"])
+    def test_mask_forward_lse_and_gradients(self, mask_name):  # and the block mask in test_empty_blocks_are_never_read
         super().test_mask_forward_lse_and_gradients(mask_name)
+
+    @pytest.mark.parametrize("mask_name", ["causal"])  # sliding_window: in test_no_races, under the race detector
+    def test_packed_documents_and_padding(self, mask_name):
+        super().test_packed_documents_and_padding(mask_name)
 
     @pytest.mark.parametrize("dtype", [jnp.float16])  # bfloat16 is every other test's dtype
     def test_low_precision(self, dtype):
@@ -72,30 +76,34 @@ class TestHopperInterpret(HopperTests):
 
     def test_blocks_of_one_document_skip_the_segment_mask(self):
         """Long documents: full blocks whose queries and keys share one document run without the segment mask, the
-        others with it (both kinds are present here, and in the dQ and dK/dV layouts alike)."""
-        q, k, v = _inputs(B=2, T=384, S=384, Hq=2, Hkv=1, dtype=self.dtype)
-        segment_ids = jnp.asarray([[1] * 200 + [2] * 184, [1] * 384], jnp.int32)
+        others with it (both kinds are present here, and in the dQ and dK/dV layouts alike): below the diagonal of
+        128-blocks, block (1, 0) lies in one document in the second row and spans two in the first."""
+        q, k, v = self.inputs(B=2)
+        segment_ids = jnp.asarray([[1] * 200 + [2] * 56, [1] * 256], jnp.int32)
         meet, same = hopper_flash._segment_blocks(segment_ids, segment_ids, 128, 128)
-        below_diagonal = np.tril(np.ones((3, 3), bool), -1)
+        below_diagonal = np.tril(np.ones((2, 2), bool), -1)
         assert np.any(np.asarray(same) & below_diagonal) and np.any(np.asarray(meet & ~same) & below_diagonal)
         self.check(q, k, v, mask=masks.Causal(), segment_ids=segment_ids)
 
     def test_no_races(self, monkeypatch):
         """The interpreter's race detector over every kernel, two compute warpgroups, segment ids and a partial
-        mask: each TMA, wgmma and shared-memory access is ordered by the barriers."""
+        mask: each TMA, wgmma and shared-memory access is ordered by the barriers. The run is the shared suite's
+        packed documents with a sliding window, checked against the oracle as there. A kernel's race state is read
+        once its outputs exist, by a callback on them: the kernels run under jit, where `_run` only traces them."""
         from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call  # the detector has no public API
-        run = hopper_flash._run
+        run, found = hopper_flash._run, []
 
         def checked(*args, **kwargs):
-            outputs = jax.block_until_ready(run(*args, **kwargs))
-            assert not interpret_pallas_call.get_races().races_found, f"a race in {args[1].__name__}"
+            outputs = run(*args, **kwargs)
+            jax.debug.callback(lambda *_: found.append((args[1], interpret_pallas_call.get_races().races_found)),
+                               outputs)
             return outputs
         monkeypatch.setattr(hopper_flash, "_run", checked)
-        q, k, v = _inputs(B=2, T=256, S=256, Hq=2, Hkv=1, dtype=self.dtype)
         with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
-            out, vjp = jax.vjp(lambda q, k, v: self.attend(q, k, v, mask=masks.SlidingWindow(100),
-                                                           segment_ids=_packed_segments(2, 256)), q, k, v)
-            vjp(out)
+            super().test_packed_documents_and_padding("sliding_window")
+        jax.effects_barrier()
+        assert sorted({name for name, _ in found}) == ["flash_backward_dkdv", "flash_backward_dq", "flash_forward"]
+        assert not [name for name, races in found if races], f"races in {[name for name, races in found if races]}"
 
 
 @pytest.mark.skipif(not hopper_present(), reason="needs a GPU of compute capability 9.0 or more")
@@ -106,10 +114,11 @@ class TestHopperGPU(HopperTests):
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_compiled_kernels_lower_for_hopper(head_dim):
     """The compiled kernels (wgmma from registers, accumulators in run_state) lowered through Mosaic GPU for
-    CUDA at the default block sizes: forward and backward, segment ids, a per-head mask."""
-    q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
-    ids = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+    CUDA at the default block sizes: forward and backward, segment ids, a per-head mask. Two of the largest default
+    blocks (128) a side: longer sequences lower the same kernels over a longer grid."""
+    q = jax.ShapeDtypeStruct((1, 256, 4, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((1, 256), jnp.int32)
 
     def loss(q, k, v, ids):
         out = flash_attention(q, k, v, mask=masks.StridedHeads(block=64, local_blocks=2, stride=2),

@@ -1,6 +1,7 @@
 """The decoder: shapes, dtypes, logical axes, and that scan / remat / packing change nothing they should not."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -29,9 +30,16 @@ def tokens(batch=2, length=12, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, CONFIG.vocab_size, size=(batch, length)), jnp.int32)
 
 
+@functools.cache
+def plain_params():
+    """init_params(make_model(), key 0), compiled once: also the params of the models that differ in their mask,
+    compute dtype or (parameterless) position scheme, as params depend on the shapes of the tree alone."""
+    return init_params(make_model(), jax.random.key(0))
+
+
 def test_shapes_dtypes_and_parameter_tree():
     model = make_model()
-    params, specs = init_params(model, jax.random.key(0))
+    params, specs = plain_params()
     logits = model.apply({"params": params}, tokens())
     assert logits.shape == (2, 12, CONFIG.vocab_size) and logits.dtype == jnp.float32
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
@@ -42,7 +50,7 @@ def test_shapes_dtypes_and_parameter_tree():
 
 
 def test_every_param_has_logical_axes():
-    _, specs = init_params(make_model(), jax.random.key(0))
+    _, specs = plain_params()
     flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
     assert flat and all(isinstance(spec, jax.sharding.PartitionSpec) and len(spec) > 0 for _, spec in flat)
     assert specs["layers_0"]["attn"]["q_proj"]["kernel"] == jax.sharding.PartitionSpec("embed", "q_heads", "head_dim")
@@ -58,7 +66,7 @@ def test_tied_embeddings_have_no_output_head():
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
     model = make_model(dtype="bfloat16")
-    params, _ = init_params(model, jax.random.key(0))
+    params, _ = plain_params()
     logits = model.apply({"params": params}, tokens())
     assert logits.dtype == jnp.float32
     reference = make_model().apply({"params": params}, tokens())
@@ -73,39 +81,56 @@ def test_scanned_layers_compute_the_same_function():
         "layers", "embed", "q_heads", "head_dim")
     unrolled_model, unrolled = unscanned(scanned, params)
     assert not unrolled_model.config.scan_layers and "layers" not in unrolled
-    assert jax.tree.structure(unrolled) == jax.tree.structure(init_params(make_model(), jax.random.key(0))[0])
+    assert jax.tree.structure(unrolled) == jax.tree.structure(plain_params()[0])
     np.testing.assert_allclose(scanned.apply({"params": params}, tokens()),
                                unrolled_model.apply({"params": unrolled}, tokens()), atol=1e-5)
     again_model, again = unscanned(unrolled_model, unrolled)
     assert again_model is unrolled_model and again is unrolled
 
 
+def loss_and_gradient(model):
+    return jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, tokens()) ** 2))(plain_params()[0])
+
+
+@functools.cache
+def plain_loss_and_gradient():
+    return loss_and_gradient(make_model())
+
+
 @pytest.mark.parametrize("remat", ["full", "dots", "offload", "attention", "dots_attention"])
 def test_remat_changes_memory_not_results(remat):
-    plain, rematted = make_model(), make_model(remat=remat)
-    params, _ = init_params(plain, jax.random.key(0))
-
-    def loss(model):
-        return jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, tokens()) ** 2))(params)
-
-    (value, grads), (value_remat, grads_remat) = loss(plain), loss(rematted)
+    (value, grads), (value_remat, grads_remat) = plain_loss_and_gradient(), loss_and_gradient(make_model(remat=remat))
     np.testing.assert_allclose(value, value_remat, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, grads_remat)
+
+
+def flash_model(remat="none"):
+    """The flash kernels in interpret mode (their smallest head dim) in one layer: a remat policy acts on every layer
+    alike, and each layer's interpret-mode kernels are what takes longest to compile."""
+    return make_model(attention_impl="pallas_interpret", head_dim=16, remat=remat, num_layers=1)
+
+
+def flash_gradient(model):
+    return jax.jit(jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, tokens(1, 16)) ** 2)))
+
+
+@functools.cache
+def flash_params():
+    return init_params(flash_model(), jax.random.key(0))[0]
+
+
+@functools.cache
+def plain_flash_loss_and_gradient():
+    return flash_gradient(flash_model())(flash_params())
 
 
 @pytest.mark.parametrize("remat", ["attention", "dots_attention"])
 def test_remat_keeping_the_flash_outputs_runs_the_forward_kernel_once(remat):
     """Under the policies that save the flash kernels' out and lse, the gradient equals the plain one and each layer's
     forward kernel runs once; under "full" it runs again in the backward."""
-    plain = make_model(attention_impl="pallas_interpret", head_dim=16)
-    params, _ = init_params(plain, jax.random.key(0))
-
-    def gradient(model):
-        return jax.value_and_grad(lambda p: jnp.mean(model.apply({"params": p}, tokens(1, 16)) ** 2))
-
-    (value, grads), (value_remat, grads_remat) = (gradient(plain)(params),
-                                                  gradient(make_model(attention_impl="pallas_interpret", head_dim=16,
-                                                                      remat=remat))(params))
+    params = flash_params()
+    (value, grads), (value_remat, grads_remat) = (plain_flash_loss_and_gradient(),
+                                                  flash_gradient(flash_model(remat))(params))
     np.testing.assert_allclose(value, value_remat, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, grads_remat)
 
@@ -120,11 +145,10 @@ def test_remat_keeping_the_flash_outputs_runs_the_forward_kernel_once(remat):
         return names
 
     def forward_kernels(remat):
-        model = make_model(attention_impl="pallas_interpret", head_dim=16, remat=remat)
-        return kernel_calls(jax.make_jaxpr(gradient(model))(params).jaxpr).count("flash_forward")
+        return kernel_calls(jax.make_jaxpr(flash_gradient(flash_model(remat)))(params).jaxpr).count("flash_forward")
 
-    assert forward_kernels(remat) == CONFIG.num_layers
-    assert forward_kernels("full") == 2 * CONFIG.num_layers
+    assert forward_kernels(remat) == 1
+    assert forward_kernels("full") == 2
 
 
 @pytest.mark.skipif(not hopper_present(), reason="compiles Mosaic GPU kernels: needs compute capability 9.0")
@@ -145,7 +169,7 @@ def test_packed_documents_do_not_see_each_other(scheme, mask):
     """Two documents packed in one row give the logits each gets alone (positions restart, attention is masked, and
     the mask is evaluated within each document)."""
     model = make_model(scheme, mask=mask)
-    params, _ = init_params(model, jax.random.key(0))
+    params, _ = plain_params()
     doc_a, doc_b = tokens(1, 5, seed=1), tokens(1, 7, seed=2)
     packed = jnp.concatenate([doc_a, doc_b, jnp.zeros((1, 2), jnp.int32)], axis=1)
     segment_ids = jnp.array([[1] * 5 + [2] * 7 + [0] * 2], jnp.int32)

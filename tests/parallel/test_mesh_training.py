@@ -4,12 +4,14 @@ on one device; the mesh and its sharding
 rules refuse what cannot be split, naming the field."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
 from longctx.parallel import mesh as mesh_lib
 from longctx.train import train
+from tiny_models import random_params, scheme_model
 
 MESHES = {
     "data2_fsdp2_sequence2_ring_zigzag": {"parallel.data": 2, "parallel.fsdp": 2, "parallel.sequence": 2},
@@ -24,14 +26,21 @@ MESHES = {
 }
 
 
+COMMON = {"train.steps": 2, "train.batch_size": 4, "model.num_heads": 4, "model.num_kv_heads": 4,
+          "model.hidden_size": 64}
+
+
+@pytest.fixture(scope="module")
+def single(make_config, tmp_path_factory):
+    """The metrics records of the run on one device, shared by every mesh."""
+    return train(make_config(**COMMON), tmp_path_factory.mktemp("one_device") / "run")
+
+
 @pytest.mark.parametrize("name", sorted(MESHES))
-def test_mesh_step_equals_one_device(tmp_path, make_config, name):
+def test_mesh_step_equals_one_device(tmp_path, make_config, single, name):
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-    common = {"train.steps": 2, "train.batch_size": 4, "model.num_heads": 4, "model.num_kv_heads": 4,
-              "model.hidden_size": 64}
-    single = train(make_config(**common), tmp_path / "one")
-    sharded = train(make_config(**common, **MESHES[name]), tmp_path / name)
+    sharded = train(make_config(**COMMON, **MESHES[name]), tmp_path / name)
     np.testing.assert_allclose([r["loss"] for r in sharded], [r["loss"] for r in single], rtol=2e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in sharded], [r["grad_norm"] for r in single], rtol=2e-4)
 
@@ -61,3 +70,21 @@ def test_training_refuses_what_the_mesh_cannot_split(tmp_path, make_config):
     with pytest.raises(ValueError, match="parallel.context must be one of"):
         train(make_config(**{"parallel.context": "tree"}), tmp_path / "d")
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_the_model_under_the_default_axes_of_jax_make_mesh_equals_one_device():
+    """A user's own jax.make_mesh (Explicit axes, jax's default) with a sequence axis: plain token arrays in, the
+    attention spans the sequence by ring attention (inputs resharded to what it needs), and the logits, sharded over
+    the sequence, equal one device's."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    model = scheme_model("rope")
+    params = random_params(model)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 32)), jnp.int32)
+    expected = model.apply({"params": params}, tokens)
+    mesh = jax.make_mesh((2, 1, 1, 4), mesh_lib.AXES)
+    assert set(mesh.axis_types) == {jax.sharding.AxisType.Explicit}
+    with jax.set_mesh(mesh):
+        logits = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens)
+    assert jax.typeof(logits).sharding.spec[1] == "sequence"
+    np.testing.assert_allclose(logits, expected, atol=2e-5, rtol=2e-5)

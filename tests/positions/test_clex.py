@@ -68,18 +68,19 @@ def test_training_draws_t_per_step_and_spreads_increasing_positions():
     variables = nn.meta.unbox(scheme.init(jax.random.key(0), jnp.arange(8)[None]))
     pos = jnp.asarray([list(range(10)) + list(range(6))], jnp.int32)  # two packed documents
     seen = set()
+    training_positions = jax.jit(lambda t, rng: scheme.apply(variables, pos, t, rng, method=scheme.training_positions))
     for seed in range(40):
         rng = jax.random.key(seed)
         t = int(jax.random.randint(jax.random.split(rng)[0], (), 1, 5))
         seen.add(t)
-        spread = scheme.apply(variables, pos, t, jax.random.split(rng)[1], method=scheme.training_positions)
+        spread = training_positions(t, jax.random.split(rng)[1])
         for doc in (spread[0, :10], spread[0, 10:]):
             assert doc[0] == 0 and np.all(np.diff(doc) > 0) and float(doc[-1]) < len(doc) * t
         if t == 1:
             np.testing.assert_array_equal(spread, pos)
     assert seen == {1, 2, 3, 4}
-    sampled = [scheme.apply(variables, pos, train=True, rngs={"positions": jax.random.key(seed)}).q_sin
-               for seed in range(4)]
+    sample = jax.jit(lambda rng: scheme.apply(variables, pos, train=True, rngs={"positions": rng}).q_sin)
+    sampled = [sample(jax.random.key(seed)) for seed in range(4)]
     assert any(not np.allclose(sampled[0], other) for other in sampled[1:])
     np.testing.assert_array_equal(sampled[0][:, 0], 0.0)  # every document still starts at position 0
 
@@ -98,11 +99,12 @@ def test_gradients_flow_into_the_ode_through_the_model():
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
     seed = next(s for s in range(50) if int(jax.random.randint(jax.random.split(jax.random.key(s))[0], (), 1, 5)) > 1)
-    grads = jax.grad(loss)(params, seed)["position_scheme"]
+    gradient = jax.jit(jax.grad(loss))  # compiled once for both calls
+    grads = gradient(params, seed)["position_scheme"]
     assert float(jnp.abs(grads["ode_down_proj"]).sum()) > 0  # up_proj's gradient passes through down_proj = 0
     params["position_scheme"]["ode_down_proj"] = params["position_scheme"]["ode_down_proj"] - 0.1 * grads[
         "ode_down_proj"]
-    assert float(jnp.abs(jax.grad(loss)(params, seed)["position_scheme"]["ode_up_proj"]).sum()) > 0
+    assert float(jnp.abs(gradient(params, seed)["position_scheme"]["ode_up_proj"]).sum()) > 0
 
 
 @pytest.mark.parametrize("field,value,message", [
