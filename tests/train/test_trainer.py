@@ -124,7 +124,10 @@ def test_gradient_accumulation_gives_the_same_update(make_config):
     assert min(moved) > 1e-4, moved  # every weight moved (Adam steps ~ the learning rate), far beyond the atol below
     for params_n, _, metrics_n in results[1:]:
         np.testing.assert_allclose(metrics_n["loss"], results[0][2]["loss"], rtol=1e-6)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_n, results[0][0])
+        np.testing.assert_allclose(metrics_n["grad_norm"], results[0][2]["grad_norm"], rtol=1e-5)  # a mean, not a sum
+        # Adam's first step moves a weight by lr · g / (|g| + eps): the summation order's rounding shows where g is
+        # tiny (up to ~2e-6 seen); a micro-batch left out moves weights by ~1e-2 the other way.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params_n, results[0][0])
 
 
 def test_workdir_is_refused_resumed_or_replaced_never_clobbered(tmp_path, make_config):
