@@ -347,10 +347,13 @@ def unscanned(model: Llama, params) -> tuple[Llama, dict]:
 
 
 def param_structure(model: Llama):
-    """(abstract params, logical_axes) without computing anything: ShapeDtypeStructs and logical PartitionSpecs."""
+    """(abstract params, logical_axes) without computing anything: ShapeDtypeStructs (shape and dtype only, whatever
+    mesh is current: a caller's own jax.set_mesh does not follow them into the trainer's) and logical
+    PartitionSpecs."""
     tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     boxed = jax.eval_shape(_initialising(model).init, jax.random.key(0), tokens)["params"]
-    return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.meta.unbox(boxed))
+    return shapes, nn.get_partition_spec(boxed)
 
 
 def check_forward(model: Llama, batch_size: int, seq_len: int, *, packed: bool, abstract_params=None) -> None:

@@ -201,7 +201,8 @@ def source_params(source_workdir: str, model: Llama) -> dict:
 def fit(run: Run) -> list[dict]:
     """Trains `run` to its end step; returns the metrics records logged by this invocation."""
     optimizer, schedule = make_optimizer(run.config.train)
-    params, opt_state = init_sharded(run.model, run.config, run.mesh, optimizer)  # outside the mesh: see init_params
+    with jax.set_mesh(None):  # outside any mesh (see init_params), a caller's own jax.set_mesh included
+        params, opt_state = init_sharded(run.model, run.config, run.mesh, optimizer)
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(mesh_lib.LOGICAL_RULES):
         return _fit(run, optimizer, schedule, params, opt_state)
 

@@ -88,3 +88,14 @@ def test_the_model_under_the_default_axes_of_jax_make_mesh_equals_one_device():
         logits = jax.jit(lambda p, t: model.apply({"params": p}, t))(params, tokens)
     assert jax.typeof(logits).sharding.spec[1] == "sequence"
     np.testing.assert_allclose(logits, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_training_inside_a_users_explicit_mesh_uses_the_mesh_of_its_config(tmp_path, make_config, single):
+    """train() called under a user's jax.set_mesh(jax.make_mesh(...)) (Explicit axes) builds the mesh its config
+    asks for (Auto axes, the model's sharding rules) and trains as on one device."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    with jax.set_mesh(jax.make_mesh((2, 1, 1, 4), mesh_lib.AXES)):
+        sharded = train(make_config(**COMMON, **MESHES["data2_fsdp2_sequence2_ring_zigzag"]), tmp_path / "run")
+    np.testing.assert_allclose([r["loss"] for r in sharded], [r["loss"] for r in single], rtol=2e-5)
+    np.testing.assert_allclose([r["grad_norm"] for r in sharded], [r["grad_norm"] for r in single], rtol=2e-4)
