@@ -29,7 +29,10 @@ RESULT_PREFIX = "MULTIHOST_RESULT "  # the line multihost_worker.py prints
 NUM_PROCESSES, LOCAL_DEVICES = 2, 2
 TIMEOUT_S = 300
 # Two data shards whatever the process layout, so that the one-device run reads the same batches.
-COMMON = {"train.steps": 2, "train.log_every": 1, "train.checkpoint_every": 1, "data.num_shards": 2}
+# No warm-up: step 1 updates the params, so the loss of step 3 follows an update (step 2's) that read the Adam
+# moments a resumed run restored.
+COMMON = {"train.steps": 3, "train.warmup_steps": 0, "train.log_every": 1, "train.checkpoint_every": 1,
+          "data.num_shards": 2}
 # Mesh overrides, the mesh axis whose devices belong to both processes, and the data shards each process reads.
 MESHES = {
     "data2_sequence2": ({"parallel.data": 2, "parallel.sequence": 2}, "data", [[0], [1]]),
@@ -157,7 +160,7 @@ def assert_trained_like_one_device(launches: list[list[dict]], workdir: pathlib.
     assert_same_run(read_metrics(workdir), one_device)  # written once, by process 0
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["parallel"]["distributed"] and saved["parallel"]["process_id"] == 0
-    data_iter = workdir / "checkpoints" / "2" / "data_iter"
+    data_iter = workdir / "checkpoints" / str(COMMON["train.steps"]) / "data_iter"
     assert sorted(p.name for p in data_iter.glob("process_*.json")) == [
         f"process_{i}-of-{NUM_PROCESSES}.json" for i in range(NUM_PROCESSES)]
 
@@ -178,12 +181,13 @@ def test_two_processes_train_like_one_device(tmp_path, make_config, one_device):
 def test_two_processes_stop_then_resume_and_train_like_one_device(tmp_path, make_config, one_device):
     """Batch rows split across the processes: a run stopped after step 1 resumes in new processes (another
     coordinator port); params, optimizer state and every process's data-iterator state come back, and the two launches
-    log the losses of the uninterrupted run on one device. (One run serves both: each launch starts two processes.)"""
+    log the losses of the uninterrupted run on one device (step 3's loss checks the restored optimizer state). (One
+    run serves both: each launch starts two processes.)"""
     config, workdir = make_config(**COMMON, **MESHES["data2_sequence2"][0]), tmp_path / "run"
     first = launch(config, workdir, tmp_path / "logs_first", "--stop_after", "1")
     for result in first:
         assert [r["step"] for r in result["records"]] == [1]
     resumed = launch(config, workdir, tmp_path / "logs_resumed", "--resume")
     for result in resumed:
-        assert [r["step"] for r in result["records"]] == [2]
+        assert [r["step"] for r in result["records"]] == [2, 3]
     assert_trained_like_one_device([first, resumed], workdir, "data2_sequence2", one_device)
