@@ -26,6 +26,7 @@ setuptools.setup(
         "pyarrow>=15",
         "numpy>=1.26",
         "safetensors>=0.4",
+        "gguf>=0.19",  # llama.cpp's reader and dequantiser of GGUF model files
         "tokenizers>=0.19",
         "sentencepiece>=0.2",
         "tqdm>=4.66",

@@ -1,0 +1,95 @@
+"""GGUF files of the tiny HF fixture models, written as llama.cpp's converter writes them (numpy and gguf only, so
+scripts/make_gguf_fixtures.py writes the same bytes in a side environment with transformers).
+
+What llama.cpp's `convert_hf_to_gguf.py` does and this repeats: GGUF tensor names (blk.{i}.attn_q.weight, ...), the
+`{arch}.*` metadata from the HF config, a llama model's q and k rows permuted per head into interleaved RoPE pairs,
+matrices quantised (`gguf.quants.quantize`) and 1-D tensors (norms, biases) kept in float32.
+"""
+
+import json
+import pathlib
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+HF_MODELS = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf" / "models"
+QUANT_TYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
+               "Q8_0": gguf.GGMLQuantizationType.Q8_0, "Q4_1": gguf.GGMLQuantizationType.Q4_1}
+_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+          "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+          "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+          "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+          "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+          "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+_MODEL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+          "lm_head.weight": "output.weight"}
+
+
+def hf_tensors(name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config, float32 tensors by HF name) of the HF fixture model `name` ("llama", "qwen2")."""
+    directory = HF_MODELS / name
+    tensors = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update({key: value.astype(np.float32) for key, value in load_file(file).items()})
+    return json.loads((directory / "config.json").read_text()), tensors
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in _MODEL:
+        return _MODEL[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)  # model.layers.{i}.{rest}
+    return f"blk.{layer}.{_LAYER[rest]}"
+
+
+def permute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp's LlamaModel.permute: HF's rotate-half rows of each head into interleaved pairs."""
+    return weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+        weight.shape)
+
+
+def gguf_tensors(name: str) -> dict[str, np.ndarray]:
+    """The fixture model's float32 tensors under their GGUF names, q/k permuted for llama (before quantising)."""
+    config, tensors = hf_tensors(name)
+    out = {}
+    for hf_name, value in tensors.items():
+        if config["model_type"] == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config["num_attention_heads" if "q_proj" in hf_name else "num_key_value_heads"]
+            value = permute_rows(value, heads)
+        out[gguf_name(hf_name)] = value
+    return out
+
+
+def write(name: str, path: pathlib.Path, quant: str = "F32", embedding_quant: str | None = None) -> pathlib.Path:
+    """Writes the HF fixture model `name` as a GGUF file at `path`: matrices in `quant` (the token embedding in
+    `embedding_quant`, default `quant`), 1-D tensors in F32."""
+    config, _ = hf_tensors(name)
+    arch = config["model_type"]
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(f"tiny {arch} fixture")
+    writer.add_vocab_size(config["vocab_size"])  # real files carry the tokenizer's tokens instead
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_rope_dimension_count(config["head_dim"])
+    writer.add_rope_freq_base(float(config["rope_parameters"]["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    for tensor_name, value in gguf_tensors(name).items():
+        kind = (embedding_quant or quant) if tensor_name == "token_embd.weight" else quant
+        if value.ndim == 1 or kind == "F32":
+            writer.add_tensor(tensor_name, value.astype(np.float32))
+        elif kind == "F16":
+            writer.add_tensor(tensor_name, value.astype(np.float16))
+        else:
+            writer.add_tensor(tensor_name, gguf.quants.quantize(value, QUANT_TYPES[kind]),
+                              raw_dtype=QUANT_TYPES[kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
