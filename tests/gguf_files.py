@@ -93,3 +93,64 @@ def write(name: str, path: pathlib.Path, quant: str = "F32", embedding_quant: st
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# A byte-level BPE tokenizer small enough to write out: GPT-2's 256 byte symbols, merges learnt greedily from
+# TOKENIZER_CORPUS (so they are the same wherever this runs), then control tokens.
+TOKENIZER_CORPUS = ("the theme of the thesis: then there, the other three threw their things. def f(x):\n"
+                    "    return x + 1  # then 123 and 4567\n\tün café naïve 東京 the end")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+NUM_MERGES = 60
+
+
+def byte_symbols() -> list[str]:
+    """GPT-2's printable stand-in for each byte value (bytes_to_unicode), in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def learnt_merges() -> list[tuple[str, str]]:
+    """NUM_MERGES greedy BPE merges over the corpus's space-prefixed words (most frequent pair first, ties by the
+    pair's text)."""
+    symbols = byte_symbols()
+    words = [[symbols[b] for b in (" " + word if i else word).encode()]
+             for i, word in enumerate(TOKENIZER_CORPUS.split(" "))]
+    merges = []
+    for _ in range(NUM_MERGES):
+        counts: dict[tuple[str, str], int] = {}
+        for word in words:
+            for pair in zip(word, word[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for word in words:
+            i = 0
+            while i < len(word) - 1:
+                if (word[i], word[i + 1]) == best:
+                    word[i:i + 2] = [word[i] + word[i + 1]]
+                i += 1
+    return merges
+
+
+def write_tokenizer(path: pathlib.Path, pre: str = "smollm") -> pathlib.Path:
+    """A GGUF file holding only a tokenizer (llama architecture, no tensors), with `tokenizer.ggml.pre` = `pre`."""
+    merges = learnt_merges()
+    tokens = byte_symbols() + [a + b for a, b in merges]
+    tokens = list(dict.fromkeys(tokens)) + SPECIAL_TOKENS
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_merges([f"{a} {b}" for a, b in merges])
+    writer.add_token_types([1] * (len(tokens) - len(SPECIAL_TOKENS)) + [3] * len(SPECIAL_TOKENS))
+    writer.add_bos_token_id(tokens.index("<|im_start|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_pad_token_id(tokens.index("<|endoftext|>"))
+    writer.add_add_bos_token(False)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -12,7 +12,10 @@ import numpy as np
 import sentencepiece
 import tokenizers
 
-ALLOWED_SPECS = '"byte", a path to a HF tokenizer.json, or a path to a sentencepiece .model'
+from longctx.data.gguf_tokenizer import from_gguf
+
+ALLOWED_SPECS = ('"byte", a path to a HF tokenizer.json, a path to a sentencepiece .model, or a path to a GGUF model '
+                 'file (its tokenizer)')
 HF_BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>")
 HF_EOS_NAMES = ("</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>")
 HF_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
@@ -78,9 +81,11 @@ class HFTokenizer(Tokenizer):
     tokenizer marks special, else the first that is in its vocabulary at all. PAD falls back to EOS.
     """
 
-    def __init__(self, path: str, *, bos: str | None = None, eos: str | None = None, pad: str | None = None):
+    def __init__(self, path: str, *, bos: str | None = None, eos: str | None = None, pad: str | None = None,
+                 tokenizer: tokenizers.Tokenizer | None = None):
+        """`tokenizer`: one already built (`path` then only names it), else the tokenizer.json at `path`."""
         self.name = str(path)
-        self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        self._tokenizer = tokenizer or tokenizers.Tokenizer.from_file(str(path))
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._special_id("BOS", bos, HF_BOS_NAMES)
         self.eos_id = self._special_id("EOS", eos, HF_EOS_NAMES)
@@ -140,14 +145,21 @@ class SentencePieceTokenizer(Tokenizer):
         return self._processor.decode(self._without_specials(ids).tolist())
 
 
+def gguf_tokenizer(path: str) -> HFTokenizer:
+    """The tokenizer a GGUF model file carries (`gguf_tokenizer.from_gguf`), with the file's BOS / EOS / PAD."""
+    found = from_gguf(path)
+    return HFTokenizer(path, bos=found.bos, eos=found.eos, pad=found.pad, tokenizer=found.tokenizer)
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
-    """The tokenizer that `data.tokenizer` names: "byte", a `*.json` (HF) path or a `*.model` (sentencepiece) path.
+    """The tokenizer that `data.tokenizer` names: "byte", a `*.json` (HF) path, a `*.model` (sentencepiece) path or a
+    `*.gguf` path (the model file's own tokenizer).
 
     Raises FileNotFoundError for a missing file and ValueError for any other spec, or a file that does not load.
     """
     if spec == "byte":
         return ByteTokenizer()
-    kinds = {".json": HFTokenizer, ".model": SentencePieceTokenizer}
+    kinds = {".json": HFTokenizer, ".model": SentencePieceTokenizer, ".gguf": gguf_tokenizer}
     suffix = os.path.splitext(spec)[1]
     if suffix not in kinds:
         raise ValueError(f"data.tokenizer must be {ALLOWED_SPECS}; got {spec!r}")

@@ -24,6 +24,7 @@ import gguf as gguf_lib
 import jax.numpy as jnp
 import numpy as np
 
+from longctx.data.tokenizers import HFTokenizer, gguf_tokenizer
 from longctx.models import hf
 from longctx.models.llama import Llama
 from longctx.positions import from_hf_config
@@ -180,3 +181,9 @@ def load(path: str | pathlib.Path, *, dtype: str = "float32", attention_impl: st
     tensors = read_tensors(reader, config)
     hf.check_tensors(tensors, model)
     return model, hf.params_from_hf(tensors, llama_config)
+
+
+def load_tokenizer(path: str | pathlib.Path) -> HFTokenizer:
+    """The tokenizer the GGUF file `path` carries (`longctx.data.gguf_tokenizer`), with its BOS / EOS / PAD; the
+    same as `data.tokenizer` = the file's path gives."""
+    return gguf_tokenizer(str(path))

@@ -111,8 +111,8 @@ def test_missing_tokenizer_file(tmp_path, name):
 
 @pytest.mark.parametrize("spec", ["gpt2", "bytes", "vocab.txt", ""])
 def test_unknown_tokenizer_spec_lists_what_is_allowed(spec):
-    with pytest.raises(ValueError, match=r'data.tokenizer must be "byte", a path to a HF tokenizer.json, or a path '
-                                         r"to a sentencepiece .model"):
+    with pytest.raises(ValueError, match=r'data.tokenizer must be "byte", a path to a HF tokenizer.json, a path to a '
+                                         r"sentencepiece .model, or a path to a GGUF model file"):
         load_tokenizer(spec)
 
 

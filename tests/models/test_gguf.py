@@ -5,6 +5,7 @@ Tolerance: float32 logits within 1e-4 of transformers' (logits are of order 4), 
 files' weights are the values gguf dequantises, so quantisation changes the model, not the agreement.
 """
 
+import json
 import os
 import pathlib
 
@@ -110,3 +111,38 @@ def test_smollm2_loads_with_its_config():
     assert model.position_scheme.theta == 100000.0
     logits = model.apply({"params": params}, np.arange(1, 17, dtype=np.int32)[None])
     assert logits.shape == (1, 16, 49152) and np.all(np.isfinite(np.asarray(logits)))
+
+
+TOKENS = json.loads((FIXTURES / "gguf" / "tokens.json").read_text())
+
+
+@pytest.mark.parametrize("pre", sorted(TOKENS))
+def test_the_files_tokenizer_gives_transformers_ids(tmp_path, pre):
+    """Code, unicode, whitespace runs and a control token, through the tokenizer of a GGUF file with llama.cpp's
+    "gpt2" or "smollm" pre-tokenizer: the ids of transformers' GGUF tokenizer, and back to the text (less the
+    control token, which decoding drops)."""
+    tokenizer = gguf_model.load_tokenizer(gguf_files.write_tokenizer(tmp_path / "tokenizer.gguf", pre))
+    text, ids = TOKENS[pre]["text"], TOKENS[pre]["ids"]
+    assert tokenizer.encode(text).tolist() == ids
+    assert tokenizer.decode(np.asarray(ids)) == text.replace("<|im_end|>", "")
+    specials = gguf_files.SPECIAL_TOKENS
+    first = tokenizer.vocab_size - len(specials)
+    assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (first, first + 1, first + 2)
+
+
+def test_smollm_splits_digits_one_by_one(tmp_path):
+    """As llama.cpp's "smollm" pre-tokenizer (and SmolLM2's own tokenizer.json): every digit its own token, where
+    GPT-2's regex keeps " 1" together (a merge of the test vocabulary)."""
+    split = {pre: gguf_model.load_tokenizer(gguf_files.write_tokenizer(tmp_path / f"{pre}.gguf", pre))
+             for pre in ("gpt2", "smollm")}
+    symbols = gguf_files.byte_symbols()
+    ids = {pre: tokenizer.encode(" 1234").tolist() for pre, tokenizer in split.items()}
+    assert ids["smollm"] == [symbols.index(c) for c in "Ġ1234"]
+    assert len(ids["gpt2"]) < 5  # merges of the test vocabulary: " 1", "23"
+
+
+def test_tokenizer_refusals_name_the_field(tmp_path, files):
+    with pytest.raises(ValueError, match="tokenizer.ggml.model is missing"):
+        gguf_model.load_tokenizer(files[("llama", "F32", None)])
+    with pytest.raises(NotImplementedError, match="tokenizer.ggml.pre='qwen2' is not supported"):
+        gguf_model.load_tokenizer(gguf_files.write_tokenizer(tmp_path / "qwen2.gguf", "qwen2"))
