@@ -1,5 +1,6 @@
-"""Between HF model directories and longctx runs: `hf_to_run` makes an HF checkpoint a run that `longctx.eval`
-measures (and `--positions` re-extends); `run_to_hf` writes a trained run as a directory transformers loads.
+"""Between HF model directories and longctx runs: `hf_to_run` makes an HF checkpoint (or a llama.cpp GGUF file,
+tokenizer included) a run that `longctx.eval` measures (and `--positions` re-extends); `run_to_hf` writes a trained
+or converted run as a directory transformers loads.
 
 A converted run holds the HF model's config as a longctx config (sizes, q/k/v biases, mask, position scheme and its
 parameters, `model.vocab_size` for a padded embedding) and a weights-only checkpoint at step 0; it can be evaluated,
@@ -15,7 +16,7 @@ import ml_collections
 from longctx import positions
 from longctx.config import base_config, positions_config, validate
 from longctx.data import load_tokenizer
-from longctx.models import build_model, hf, init_params
+from longctx.models import build_model, gguf, hf, init_params
 from longctx.positions.base import scheme_params
 from longctx.train import checkpoint
 
@@ -29,16 +30,27 @@ def positions_config_of(scheme: positions.PositionScheme) -> ml_collections.Conf
     return positions_config(scheme.scheme_name, **values)
 
 
-def run_config(hf_dir: pathlib.Path, *, tokenizer: str | None = None, seq_len: int | None = None,
+def is_gguf(source: pathlib.Path) -> bool:
+    """Whether `source` names a GGUF model file (else an HF model directory)."""
+    return source.suffix == ".gguf"
+
+
+def run_config(source: pathlib.Path, *, tokenizer: str | None = None, seq_len: int | None = None,
                dtype: str = "float32") -> ml_collections.ConfigDict:
-    """The longctx config of the HF model in `hf_dir`: data.tokenizer is its tokenizer.json unless `tokenizer` is
-    given, data.seq_len its max_position_embeddings unless `seq_len` is."""
-    hf_config = hf.read_config(hf_dir)
+    """The longctx config of the model in `source`, an HF directory or a GGUF file: data.tokenizer is the directory's
+    tokenizer.json (the GGUF file itself, which carries its tokenizer) unless `tokenizer` is given, data.seq_len the
+    model's max_position_embeddings (GGUF: context_length) unless `seq_len` is."""
+    if is_gguf(source):
+        hf_config = gguf.hf_config(gguf.open_file(source))
+        tokenizer = tokenizer or str(source.absolute())
+    else:
+        hf_config = hf.read_config(source)
+        if tokenizer is None:
+            if not (source / TOKENIZER_FILE).exists():
+                raise FileNotFoundError(f"{source} has no {TOKENIZER_FILE}; name the model's tokenizer with "
+                                        f"--tokenizer")
+            tokenizer = str((source / TOKENIZER_FILE).absolute())
     llama = hf.llama_config_from_hf(hf_config, dtype=dtype)
-    if tokenizer is None:
-        if not (hf_dir / TOKENIZER_FILE).exists():
-            raise FileNotFoundError(f"{hf_dir} has no {TOKENIZER_FILE}; name the model's tokenizer with --tokenizer")
-        tokenizer = str((hf_dir / TOKENIZER_FILE).absolute())
     config = base_config()
     config.model.update(
         vocab_size=llama.vocab_size, hidden_size=llama.hidden_size, intermediate_size=llama.intermediate_size,
@@ -54,15 +66,15 @@ def run_config(hf_dir: pathlib.Path, *, tokenizer: str | None = None, seq_len: i
     return config
 
 
-def hf_to_run(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, *, tokenizer: str | None = None,
+def hf_to_run(source: str | pathlib.Path, workdir: str | pathlib.Path, *, tokenizer: str | None = None,
               seq_len: int | None = None, dtype: str = "float32") -> ml_collections.ConfigDict:
-    """Writes the HF model in `hf_dir` as a longctx run in `workdir` (which must not hold a run); returns its config.
-    Everything is read and checked before the workdir is touched."""
-    hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
-    config = run_config(hf_dir, tokenizer=tokenizer, seq_len=seq_len, dtype=dtype)
+    """Writes the model in `source` (an HF directory, or a GGUF file: `is_gguf`) as a longctx run in `workdir`
+    (which must not hold a run); returns its config. Everything is read and checked before the workdir is touched."""
+    source, workdir = pathlib.Path(source), pathlib.Path(workdir)
+    config = run_config(source, tokenizer=tokenizer, seq_len=seq_len, dtype=dtype)
     vocab_size = load_tokenizer(config.data.tokenizer).vocab_size
     build_model(config.model, vocab_size, config.data.seq_len)  # the tokenizer fits the embedding
-    _, params = hf.load(hf_dir, dtype=dtype)
+    _, params = (gguf if is_gguf(source) else hf).load(source, dtype=dtype)
     checkpoint.check_workdir(workdir, config, resume=False, overwrite=False)
     checkpoint.start_workdir(workdir, config, overwrite=False)
     checkpoints = checkpoint.Checkpoints(workdir, create=True)
@@ -97,4 +109,6 @@ def run_to_hf(workdir: str | pathlib.Path, hf_dir: str | pathlib.Path, *, step: 
                    extra_config=token_ids, overwrite=overwrite)
     if config.data.tokenizer.endswith(".json"):
         shutil.copy(config.data.tokenizer, path / TOKENIZER_FILE)
+    elif config.data.tokenizer.endswith(".gguf"):  # the GGUF file's tokenizer, as a tokenizer.json
+        tokenizer.save_json(path / TOKENIZER_FILE)
     return path

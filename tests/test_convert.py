@@ -12,6 +12,8 @@ import pytest
 import tokenizers
 from safetensors import safe_open
 
+import gguf_files
+
 from longctx import convert
 from longctx.eval import suite
 from longctx.config import positions_config
@@ -116,3 +118,22 @@ def test_conversion_refuses_before_writing(tmp_path, hf_dir):
     (hf_dir / "tokenizer.json").unlink()
     result = run_script("to_longctx", "--hf_dir", hf_dir, "--workdir", tmp_path / "new")
     assert result.returncode != 0 and "has no tokenizer.json; name the model's tokenizer" in result.stderr
+
+
+def test_a_gguf_file_becomes_a_run_and_goes_back_as_the_hf_checkpoint(hf_dir, tmp_path):
+    """The llama fixture written as a float32 GGUF file (q/k rows permuted, as llama.cpp writes them) becomes a run
+    whose HF export holds the fixture's tensors exactly; a run from a GGUF file reads its tokenizer from the file."""
+    gguf_file = gguf_files.write("llama", tmp_path / "tiny.gguf", "F32")
+    assert convert.run_config(gguf_file).data.tokenizer == str(gguf_file.absolute())
+    workdir, exported = tmp_path / "run", tmp_path / "exported"
+    # The fixture file carries no tokenizer: the word-level one of the HF fixture directory (vocab 64) serves.
+    result = run_script("to_longctx", "--gguf", gguf_file, "--workdir", workdir, "--tokenizer",
+                        hf_dir / "tokenizer.json")
+    assert result.returncode == 0, result.stderr
+    result = run_script("to_hf", "--workdir", workdir, "--hf_dir", exported)
+    assert result.returncode == 0, result.stderr
+    original, written = tensors_of(LLAMA), tensors_of(exported)
+    assert sorted(original) == sorted(written)
+    assert all(np.array_equal(original[key], written[key]) for key in original)
+    refused = run_script("to_longctx", "--gguf", hf_dir / "tokenizer.json", "--workdir", tmp_path / "other")
+    assert refused.returncode != 0 and "a GGUF model file ending in .gguf was expected" in refused.stderr

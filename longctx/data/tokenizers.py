@@ -120,6 +120,10 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tokenizer.decode(self._without_specials(ids).tolist(), skip_special_tokens=True)
 
+    def save_json(self, path: str | os.PathLike) -> None:
+        """Writes the tokenizer as a HF tokenizer.json at `path`."""
+        self._tokenizer.save(str(path))
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece `.model`; BOS/EOS/PAD are the model's own, PAD falling back to EOS when it has none."""
