@@ -173,9 +173,13 @@ class Generator:
         return results
 
     def empty_cache(self, starts: np.ndarray, max_length: int) -> KVCache:
-        """The cache of a batch whose rows start at `starts`, with room for at least `max_length` columns."""
-        return empty_cache(self.model, len(starts), self.cache_length(max_length), starts=starts,
-                           encoded=self.encoded, page_size=self.page_size)
+        """The cache of a batch whose rows start at `starts`, with room for at least `max_length` columns, on the
+        params' device when they are on one: placed as the prefill returns it, so the first chunk's call and the
+        later ones share one compiled program (jit keys on whether arguments are committed to a device)."""
+        cache = empty_cache(self.model, len(starts), self.cache_length(max_length), starts=starts,
+                            encoded=self.encoded, page_size=self.page_size)
+        devices = {device for leaf in jax.tree.leaves(self.params) for device in leaf.devices()}
+        return jax.device_put(cache, devices.pop()) if len(devices) == 1 else cache
 
     def cache_length(self, columns: int) -> int:
         """`columns` rounded up to the granule of cache lengths (and the page size)."""

@@ -119,11 +119,17 @@ def naive_greedy(model, params, prompt, max_new_tokens, stop_ids=()):
 
 @pytest.mark.parametrize("name,scan_layers", [("rope", False), ("yarn", True), ("self_extend", False)])
 def test_greedy_generation_equals_rerunning_the_whole_sequence(name, scan_layers):
+    """Batches of two (widths 8 and 12: two and three prefill chunks of 4) give the continuations of re-running the
+    whole sequence, from one compiled prefill and one compiled decoding loop for every chunk and batch. The params
+    are committed to a device, as restored ones are (the first chunk's cache once compiled apart from the rest)."""
     model = scheme_model(name, scan_layers=scan_layers)
-    params = random_params(model, seed=3)
+    params = jax.device_put(random_params(model, seed=3), jax.devices()[0])
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, CONFIG.vocab_size, n).astype(np.int32) for n in (5, 11, 3)]
-    got = greedy(model, params, prompts, max_new_tokens=6, pad_id=0, batch_size=2, prefill_chunk=4)
+    generator = Generator(model, params, pad_id=0, prefill_chunk=4)
+    compiled = (generator._prefill._cache_size(), generator._decode._cache_size())  # jit's cache, shared in-process
+    got = generator.generate_batched(prompts, max_new_tokens=6, batch_size=2)
+    assert generator._prefill._cache_size() - compiled[0] <= 1 and generator._decode._cache_size() - compiled[1] <= 1
     for prompt, continuation in zip(prompts, got):
         np.testing.assert_array_equal(continuation, naive_greedy(model, params, prompt, 6))
 
