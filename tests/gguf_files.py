@@ -1,9 +1,11 @@
 """GGUF files of the tiny HF fixture models, written as llama.cpp's converter writes them (numpy and gguf only, so
 scripts/make_gguf_fixtures.py writes the same bytes in a side environment with transformers).
 
-What llama.cpp's `convert_hf_to_gguf.py` does and this repeats: GGUF tensor names (blk.{i}.attn_q.weight, ...), the
-`{arch}.*` metadata from the HF config, a llama model's q and k rows permuted per head into interleaved RoPE pairs,
-matrices quantised (`gguf.quants.quantize`) and 1-D tensors (norms, biases) kept in float32.
+What llama.cpp's `convert_hf_to_gguf.py` does and this repeats: GGUF tensor names from its own map
+(`gguf.get_tensor_name_map`: blk.{i}.attn_q.weight, ...), the `{arch}.*` metadata from the HF config, a llama
+model's q and k rows permuted per head into interleaved RoPE pairs, matrices quantised (`gguf.quants.quantize`) and
+1-D tensors (norms, biases) kept in float32. longctx.models.gguf reads the names back with a table of its own, which
+these files check against llama.cpp's.
 """
 
 import json
@@ -16,14 +18,6 @@ from safetensors.numpy import load_file
 HF_MODELS = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf" / "models"
 QUANT_TYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
                "Q8_0": gguf.GGMLQuantizationType.Q8_0, "Q4_1": gguf.GGMLQuantizationType.Q4_1}
-_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-          "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-          "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-          "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-          "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
-          "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
-_MODEL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-          "lm_head.weight": "output.weight"}
 
 
 def hf_tensors(name: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -35,13 +29,6 @@ def hf_tensors(name: str) -> tuple[dict, dict[str, np.ndarray]]:
     return json.loads((directory / "config.json").read_text()), tensors
 
 
-def gguf_name(hf_name: str) -> str:
-    if hf_name in _MODEL:
-        return _MODEL[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)  # model.layers.{i}.{rest}
-    return f"blk.{layer}.{_LAYER[rest]}"
-
-
 def permute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     """llama.cpp's LlamaModel.permute: HF's rotate-half rows of each head into interleaved pairs."""
     return weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
@@ -51,12 +38,14 @@ def permute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 def gguf_tensors(name: str) -> dict[str, np.ndarray]:
     """The fixture model's float32 tensors under their GGUF names, q/k permuted for llama (before quantising)."""
     config, tensors = hf_tensors(name)
+    arch = {value: key for key, value in gguf.MODEL_ARCH_NAMES.items()}[config["model_type"]]
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])  # llama.cpp's converter's own names
     out = {}
     for hf_name, value in tensors.items():
         if config["model_type"] == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads" if "q_proj" in hf_name else "num_key_value_heads"]
             value = permute_rows(value, heads)
-        out[gguf_name(hf_name)] = value
+        out[names.get_name(hf_name, try_suffixes=(".weight", ".bias"))] = value
     return out
 
 
