@@ -132,6 +132,8 @@ class Generator:
         self.sampling, self.rng = sampling, jax.random.key(seed)
         self._prefill = jax.jit(_prefill, static_argnums=(0, 5), donate_argnums=2)
         self._decode = jax.jit(_decode, static_argnums=(0, 6, 7, 8))
+        devices = {device for leaf in jax.tree.leaves(self.params) for device in leaf.devices()}
+        self._device = devices.pop() if len(devices) == 1 else None  # where empty caches go (`empty_cache`)
 
     def generate(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
                  stop_ids: Sequence[int] = ()) -> list[np.ndarray]:
@@ -178,8 +180,7 @@ class Generator:
         later ones share one compiled program (jit keys on whether arguments are committed to a device)."""
         cache = empty_cache(self.model, len(starts), self.cache_length(max_length), starts=starts,
                             encoded=self.encoded, page_size=self.page_size)
-        devices = {device for leaf in jax.tree.leaves(self.params) for device in leaf.devices()}
-        return jax.device_put(cache, devices.pop()) if len(devices) == 1 else cache
+        return cache if self._device is None else jax.device_put(cache, self._device)
 
     def cache_length(self, columns: int) -> int:
         """`columns` rounded up to the granule of cache lengths (and the page size)."""

@@ -63,10 +63,9 @@ def open_file(path: str | pathlib.Path) -> gguf_lib.GGUFReader:
 
 
 def metadata(reader: gguf_lib.GGUFReader) -> dict[str, Any]:
-    """Every key-value field of the file but the tokenizer's long lists, as Python values."""
-    return {name: field.contents() for name, field in reader.fields.items()
-            if not name.startswith("tokenizer.ggml.") or name in ("tokenizer.ggml.model", "tokenizer.ggml.pre")
-            or name.endswith("_token_id")}
+    """The file's key-value fields but the tokenizer's (`longctx.data.gguf_tokenizer` reads those), as Python
+    values."""
+    return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.")}
 
 
 def architecture(fields: dict[str, Any]) -> str:
