@@ -36,14 +36,10 @@ def make_qkv(T, Hq, Hkv, D=16, B=2, seed=0, dtype=np.float32):
                  for shape in ((B, T, Hq, D), (B, S, Hkv, D), (B, S, Hkv, D)))
 
 
-# Each case's few dozen ops compile faster as one program than one by one, and on the CPU faster still without
-# LLVM's optimisations (a program run once on tiny inputs; its values equal the optimised one's up to rounding).
-FAST_COMPILE = {"xla_backend_optimization_level": 0} if jax.devices()[0].platform == "cpu" else None
-
-
 def _compiled(f, impl, q, k, v, **kwargs):
-    """f(impl, q, k, v, **kwargs) under jit with FAST_COMPILE, the kwargs static."""
-    return jax.jit(lambda q, k, v: f(impl, q, k, v, **kwargs), compiler_options=FAST_COMPILE)(q, k, v)
+    """f(impl, q, k, v, **kwargs) under jit, the kwargs static: a case's few dozen ops compile faster as one program
+    than one by one."""
+    return jax.jit(lambda q, k, v: f(impl, q, k, v, **kwargs))(q, k, v)
 
 
 def _forward_and_gradients(impl, q, k, v, **kwargs):

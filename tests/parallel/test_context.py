@@ -71,14 +71,10 @@ def sharded_attention(mesh, strategy, layout, case, impl):
 
 def sharded_results(mesh, runs, impl, num_kv_heads=HKV):
     """{(strategy, layout, case): (out, lse, grads)} for every run in `runs`, all in one jitted function: XLA compiles
-    them together once, in about half the time of one compile each (compiling dominates these tests). The jnp steps
-    compile without LLVM's optimisations, in about 60% of the time (the same operations, rounded alike within
-    TOLERANCE); the Pallas kernels' compile does not shorten so."""
+    them together once, in about half the time of one compile each (compiling dominates these tests)."""
     inputs = _inputs(num_kv_heads)
     losses = {run: _loss(sharded_attention(mesh, *run, impl)) for run in runs}
-    options = {"xla_backend_optimization_level": 0} if impl == "reference" else {}
-    return jax.jit(lambda *x: {run: _outputs_and_gradients(loss, x) for run, loss in losses.items()},
-                   compiler_options=options)(*inputs)
+    return jax.jit(lambda *x: {run: _outputs_and_gradients(loss, x) for run, loss in losses.items()})(*inputs)
 
 
 @functools.cache

@@ -15,9 +15,6 @@ from longctx.train.optim import make_optimizer
 from longctx.train.trainer import make_train_iterator, train_step
 
 STEPS = 3
-# Every run's step compiles without LLVM's optimisations: about half the compile time, which is most of these tests'
-# time; the switches are compared with each other, every one compiled alike.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +37,7 @@ def run_steps(config, batch, *, loss_chunk=0, donate=True):
         params = unscanned(scanned, params)[1]
     step = jax.jit(lambda p, o, b: train_step(p, o, b, jax.random.key(1), model=model, optimizer=optimizer,
                                               grad_accum_steps=1, loss_chunk=loss_chunk),
-                   donate_argnums=(0, 1) if donate else (), compiler_options=FAST_COMPILE)
+                   donate_argnums=(0, 1) if donate else ())
     opt_state, losses = optimizer.init(params), []
     for _ in range(STEPS):
         params, opt_state, metrics = step(params, opt_state, batch)

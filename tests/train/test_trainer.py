@@ -115,10 +115,8 @@ def test_gradient_accumulation_gives_the_same_update(make_config):
     model = build_model(config.model, tokenizer.vocab_size, config.data.seq_len)
     optimizer, _ = make_optimizer(config.train)
     params, _ = init_params(model, jax.random.key(0))
-    # Compiled without LLVM's optimisations (each alike): about half the compile time, most of this test's time.
     results = [jax.jit(lambda p, o, b, n=n: train_step(p, o, b, jax.random.key(1), model=model, optimizer=optimizer,
-                                                       grad_accum_steps=n),
-                       compiler_options={"xla_backend_optimization_level": 0})(params, optimizer.init(params), batch)
+                                                       grad_accum_steps=n))(params, optimizer.init(params), batch)
                for n in (1, 2, 4)]
     moved = [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(params))]
     assert min(moved) > 1e-4, moved  # every weight moved (Adam steps ~ the learning rate), far beyond the atol below
