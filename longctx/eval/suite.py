@@ -21,6 +21,7 @@ import json
 import logging
 import numbers
 import pathlib
+import time
 from typing import Any
 
 import ml_collections
@@ -231,12 +232,45 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
                       samples)
 
 
-def perplexity_results(evaluation: Evaluation, model, params) -> dict[str, Any]:
+class Progress:
+    """One bar over every prompt of an evaluation (perplexity's windows count as prompts), showing the tokens the
+    model has read and written per second; each scheme's and task's seconds and tokens go into the report."""
+
+    def __init__(self, total: int):
+        self.bar = tqdm.tqdm(total=total, desc="eval", unit="prompt", disable=None)
+        self.start = time.perf_counter()
+        self.tokens, self.label = 0, ""
+        self.timing: dict[str, dict[str, dict[str, float]]] = {}
+
+    def begin(self, scheme: str, task: str) -> None:
+        self.label, self.scheme, self.task = f"{scheme}: {task}", scheme, task
+        self.task_start, self.task_tokens = time.perf_counter(), 0
+
+    def step(self, prompts: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.task_tokens += tokens
+        self.bar.update(prompts)
+        self.bar.set_postfix_str(f"{self.label}, {self.tokens / (time.perf_counter() - self.start):,.0f} tok/s")
+
+    def end(self) -> None:
+        seconds = time.perf_counter() - self.task_start
+        self.timing.setdefault(self.scheme, {})[self.task] = {"seconds": round(seconds, 2),
+                                                              "tokens": self.task_tokens}
+        log.info("%s: %d tokens in %.1f s (%.0f tokens/s, compilation included)", self.label, self.task_tokens,
+                 seconds, self.task_tokens / seconds)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def perplexity_results(evaluation: Evaluation, model, params, progress: Progress | None = None) -> dict[str, Any]:
     """ppl (and sliding-window ppl) at each length, and the loss by position at the longest."""
     lengths, windows, batch_size = evaluation.lengths, evaluation.windows, evaluation.config.eval.batch_size
     results = {"ppl": {}, "position_loss": None}
     for length in lengths:
         nll = ppl.model_nll(model, params, windows[length], batch_size)
+        if progress is not None:
+            progress.step(len(windows[length]), windows[length].size)
         results["ppl"][str(length)] = ppl.perplexity(nll)
         if length == lengths[-1]:
             results["position_loss"] = ppl.loss_by_position(nll)
@@ -249,7 +283,8 @@ def perplexity_results(evaluation: Evaluation, model, params) -> dict[str, Any]:
     return results
 
 
-def generation_results(evaluation: Evaluation, generator: Generator, task: str) -> dict[str, Any]:
+def generation_results(evaluation: Evaluation, generator: Generator, task: str,
+                       progress: Progress | None = None) -> dict[str, Any]:
     """Greedy answers to `task`'s samples, scored: the mean by length (and by depth, per RULER task or per
     LongBench dataset), and one example answer per (task, length)."""
     samples, tokenizer = evaluation.samples[task], evaluation.tokenizer
@@ -261,7 +296,8 @@ def generation_results(evaluation: Evaluation, generator: Generator, task: str) 
     predictions = [""] * len(samples)
     for max_new_tokens, indices in groups.items():
         outputs = generator.generate_batched([samples[i].prompt for i in indices], max_new_tokens=max_new_tokens,
-                                             batch_size=batch_size, stop_ids=[tokenizer.eos_id])
+                                             batch_size=batch_size, stop_ids=[tokenizer.eos_id],
+                                             on_batch=progress and progress.step)
         for i, output in zip(indices, outputs):
             predictions[i] = tokenizer.decode(output)
     by_cell = collections.defaultdict(list)
@@ -312,22 +348,31 @@ def run(evaluation: Evaluation) -> dict[str, Any]:
             report["ppl_sliding"] = {}
     for task in evaluation.samples:
         report[task] = {}
-    with tqdm.tqdm(total=len(evaluation.schemes) * len(options.tasks), desc="eval", disable=None) as bar:
-        for scheme in evaluation.schemes:
-            model = scheme_model(config, scheme, vocab_size)
-            model_params = adapt_params(model, params, scheme.label)
-            if evaluation.windows is not None:
-                results = perplexity_results(evaluation, model, model_params)
-                for key, value in results.items():
-                    report[key][scheme.label] = value
-                bar.update(1)
-            generator = Generator(model, model_params, pad_id=evaluation.tokenizer.pad_id,
-                                  prefill_chunk=options.prefill_chunk, cache=options.cache,
-                                  page_size=options.page_size, compression=options.compression)
-            for task in evaluation.samples:
-                bar.set_postfix_str(f"{scheme.label}: {task}")
-                report[task][scheme.label] = generation_results(evaluation, generator, task)
-                bar.update(1)
+    prompts = sum(len(samples) for samples in evaluation.samples.values())
+    if evaluation.windows is not None:
+        prompts += sum(len(evaluation.windows[n]) for n in lengths)
+    progress = Progress(len(evaluation.schemes) * prompts)
+    longest = max((len(sample.prompt) + sample.max_new_tokens for samples in evaluation.samples.values()
+                   for sample in samples), default=None)
+    for scheme in evaluation.schemes:
+        model = scheme_model(config, scheme, vocab_size)
+        model_params = adapt_params(model, params, scheme.label)
+        if evaluation.windows is not None:
+            progress.begin(scheme.label, "ppl")
+            results = perplexity_results(evaluation, model, model_params, progress)
+            for key, value in results.items():
+                report[key][scheme.label] = value
+            progress.end()
+        # Caches of the longest prompt's size: one compiled prefill chunk and decoding loop serve every length.
+        generator = Generator(model, model_params, pad_id=evaluation.tokenizer.pad_id,
+                              prefill_chunk=options.prefill_chunk, max_length=longest, cache=options.cache,
+                              page_size=options.page_size, compression=options.compression)
+        for task in evaluation.samples:
+            progress.begin(scheme.label, task)
+            report[task][scheme.label] = generation_results(evaluation, generator, task, progress)
+            progress.end()
+    progress.close()
+    report["timing"] = progress.timing
     return report
 
 

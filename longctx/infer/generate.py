@@ -13,7 +13,7 @@ through the split-K kernel) or raw (`cache="raw"`: re-encoded at every step, exa
 columns each row uses.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import logging
 import math
 
@@ -52,6 +52,16 @@ def empty_cache(model: Llama, batch_size: int, max_length: int, *, starts=None, 
     return KVCache.empty(num_layers=cfg.num_layers, batch_size=batch_size, max_length=max_length,
                          num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=cfg.compute_dtype,
                          starts=starts, encoded=encoded, page_size=page_size)
+
+
+def cache_placement(params) -> jax.sharding.Sharding | None:
+    """Where a cache goes for `params`: replicated on their mesh when they carry one (restored params do), else on
+    their one device; None for params spread over devices without a mesh."""
+    leaves = jax.tree.leaves(params)
+    if leaves and isinstance(leaves[0].sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(leaves[0].sharding.mesh, jax.sharding.PartitionSpec())
+    devices = {device for leaf in leaves for device in leaf.devices()}
+    return jax.sharding.SingleDeviceSharding(devices.pop()) if len(devices) == 1 else None
 
 
 def left_padded(prompts: Sequence[np.ndarray], width: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -101,8 +111,17 @@ def _decode(model, params, cache, logits, next_positions, rng, stop_ids, max_new
     return jax.lax.while_loop(cond, body, state)[4]
 
 
+# One jit for every Generator: their compilations are one cache (`_cache_size()` counts them).
+compiled_prefill = jax.jit(_prefill, static_argnums=(0, 5), donate_argnums=2)
+compiled_decode = jax.jit(_decode, static_argnums=(0, 6, 7, 8))
+
+
 class Generator:
-    """Generation for one model and its params, compiled once per (batch size, prompt width, new tokens).
+    """Generation for one model and its params, compiled once per (batch size, prompt width, new tokens); with
+    `prefill_chunk` and `max_length`, once per (batch size, new tokens): every cache then holds `max_length`
+    columns, so prompts of every width share one compiled prefill (of a chunk) and one decoding loop. (A prefill
+    over a longer cache costs no more: it visits only the written columns' blocks, and decoding reads each row's
+    written columns.)
 
     `sampling` (default greedy) picks each token; `seed` seeds the sampling of every `generate` call alike.
     `cache` ("auto", "encoded", "raw") and `page_size` choose the KV cache (module docstring); `compression`
@@ -115,6 +134,9 @@ class Generator:
                  page_size: int | None = None, compression: Compression | None = None):
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 2):
+            raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
         if page_size is not None and (isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1):
             raise ValueError(f"page_size must be a positive int or None, got {page_size!r}")
         self.model, self.params = unscanned(model, params)  # a decoding step reads each layer's weights in place
@@ -130,10 +152,8 @@ class Generator:
         self.compression = compression
         self.prefill_chunk, self.max_length = prefill_chunk, max_length
         self.sampling, self.rng = sampling, jax.random.key(seed)
-        self._prefill = jax.jit(_prefill, static_argnums=(0, 5), donate_argnums=2)
-        self._decode = jax.jit(_decode, static_argnums=(0, 6, 7, 8))
-        devices = {device for leaf in jax.tree.leaves(self.params) for device in leaf.devices()}
-        self._device = devices.pop() if len(devices) == 1 else None  # where empty caches go (`empty_cache`)
+        self._prefill, self._decode = compiled_prefill, compiled_decode
+        self._placement = cache_placement(self.params)
 
     def generate(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
                  stop_ids: Sequence[int] = ()) -> list[np.ndarray]:
@@ -152,7 +172,7 @@ class Generator:
         chunk = self.prefill_chunk or math.ceil(longest / WIDTH_GRANULE) * WIDTH_GRANULE
         width = math.ceil(longest / chunk) * chunk
         batch = left_padded(prompts, width, self.pad_id)
-        cache = self.empty_cache(batch["starts"], width + max_new_tokens)
+        cache = self.empty_cache(batch["starts"], max(width + max_new_tokens, self.max_length or 0))
         observe = 0 if self.compression is None else min(self.compression.observes, width)
         for start in range(0, width, chunk):
             columns = slice(start, start + chunk)
@@ -175,12 +195,12 @@ class Generator:
         return results
 
     def empty_cache(self, starts: np.ndarray, max_length: int) -> KVCache:
-        """The cache of a batch whose rows start at `starts`, with room for at least `max_length` columns, on the
-        params' device when they are on one: placed as the prefill returns it, so the first chunk's call and the
-        later ones share one compiled program (jit keys on whether arguments are committed to a device)."""
+        """The cache of a batch whose rows start at `starts`, with room for at least `max_length` columns, placed as
+        the prefill returns it (`cache_placement`), so the first chunk's call and the later ones share one compiled
+        program (jit keys on the arguments' placement)."""
         cache = empty_cache(self.model, len(starts), self.cache_length(max_length), starts=starts,
                             encoded=self.encoded, page_size=self.page_size)
-        return cache if self._device is None else jax.device_put(cache, self._device)
+        return cache if self._placement is None else jax.device_put(cache, self._placement)
 
     def cache_length(self, columns: int) -> int:
         """`columns` rounded up to the granule of cache lengths (and the page size)."""
@@ -188,10 +208,12 @@ class Generator:
         return math.ceil(columns / granule) * granule
 
     def generate_batched(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int, batch_size: int,
-                         stop_ids: Sequence[int] = ()) -> list[np.ndarray]:
+                         stop_ids: Sequence[int] = (), on_batch: Callable[[int, int], None] | None = None
+                         ) -> list[np.ndarray]:
         """`generate` over any number of prompts in batches of `batch_size` (prompts of similar length batched
         together, the last batch filled up with repeats of its last prompt, so every batch has one compiled shape);
-        returned in the order of `prompts`."""
+        returned in the order of `prompts`. `on_batch(prompts, tokens)` hears of each batch done: its prompts (the
+        repeats left out) and their prompt and generated tokens (a progress bar's count and rate)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -203,6 +225,8 @@ class Generator:
             continuations = self.generate(batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids)
             for row, continuation in zip(rows, continuations):
                 results[row] = continuation
+            if on_batch is not None:
+                on_batch(len(rows), sum(len(prompts[row]) + len(results[row]) for row in rows))
         return results
 
 

@@ -157,22 +157,22 @@ class Attention(nn.Module):
             if view.observe:
                 self.sow("intermediates", "queries", q[:, -view.observe:])
             kv = tuple(view.write(cache, layer, new) for cache, new in zip(kv, (k, v)))
-            out = cached_attention.encoded(q, k, v, *kv, view, layer, mask=cfg.mask, segment_ids=segment_ids,
+            out = cached_attention.encoded(q, *kv, view, layer, mask=cfg.mask, segment_ids=segment_ids,
                                            impl=cfg.attention_impl)
         else:
-            cached = {}
             if kv is not None:
                 kv = tuple(view.write(cache, layer, new) for cache, new in zip(kv, (k, v)))
                 k, v = (view.contiguous(cache, layer) for cache in kv)
-                cached = {"q_offset": view.offset, "kv_segment_ids": view.segment_ids()}
 
             def attend_fn(q, k, v, *, within: masks.Mask | None = None, **overrides):
                 mask = cfg.mask if within is None else cfg.mask & within
+                if kv is not None:
+                    return cached_attention.over_cache(q, k, v, view, mask=mask, segment_ids=segment_ids,
+                                                       impl=cfg.attention_impl, **overrides)
                 if cfg.context_parallel != "none" and _splits_sequence():
                     return context.attention(q, k, v, strategy=cfg.context_parallel, layout=cfg.sequence_layout,
                                              mask=mask, segment_ids=segment_ids, impl=cfg.attention_impl, **overrides)
-                return attention(q, k, v, mask=mask, segment_ids=segment_ids, impl=cfg.attention_impl, **cached,
-                                 **overrides)
+                return attention(q, k, v, mask=mask, segment_ids=segment_ids, impl=cfg.attention_impl, **overrides)
 
             out = encoding.attend(q, k, v, attend_fn)
         out = nn.with_logical_constraint(out, ("batch", "length", "q_heads", "head_dim"))

@@ -20,6 +20,10 @@ from longctx.models import init_params
 from longctx.train import train
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+COMPILED: list[str] = []  # the name of every program XLA compiles (or reads from the persistent cache) from now on
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _, fun_name=None, **__: COMPILED.append(fun_name)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
 
 
 @pytest.fixture(scope="module")
@@ -142,15 +146,22 @@ def test_loss_by_position_averages_every_position_once():
 def test_retrieval_tasks_report_scores_heatmaps_and_tables(trained_run, tmp_path):
     options = suite.Options(tasks=("passkey", "niah", "ruler"), depths=(0.0, 1.0), num_samples=2,
                             ruler_tasks=("niah_single_1", "niah_single_3"), batch_size=3, prefill_chunk=128)
-    # Two lengths whose prompts pad to one width (three prefill chunks), so each scheme compiles its generation once.
-    report = suite.evaluate(trained_run, [376, 384], ["rope", "self_extend"], options=options)
+    # Prompts of two and three prefill chunks: each scheme compiles one prefill for both lengths (its caches all hold
+    # the longest prompt), and one decoding loop per number of new tokens (the tasks differ in it).
+    compiled = len(COMPILED)
+    report = suite.evaluate(trained_run, [384, 512], ["rope", "self_extend"], options=options)
+    new_tokens = {sample.max_new_tokens for samples in suite.prepare(
+        trained_run, [384, 512], ["rope"], options=options).samples.values() for sample in samples}
+    assert COMPILED[compiled:].count("jit(_prefill)") <= 2, COMPILED[compiled:]
+    assert COMPILED[compiled:].count("jit(_decode)") <= 2 * len(new_tokens), COMPILED[compiled:]
+    assert set(report["timing"]) == {"rope", "self_extend"} and report["timing"]["rope"]["passkey"]["tokens"] > 0
     for task, metric in (("passkey", "passkey"), ("niah", "niah"), ("niah", "niah/exact"),
                          ("ruler", "ruler/niah_single_1")):
         for scheme in ("rope", "self_extend"):
             scores = report[task][scheme][metric]
-            assert sorted(scores) == ["376", "384"] and all(0 <= v <= 1 for v in scores.values())
-    assert sorted(report["passkey"]["rope"]["passkey/by_depth"]["384"]) == ["0.0", "1.0"]
-    assert report["passkey"]["rope"]["examples"]["passkey@384"]["answers"][0].isdigit()
+            assert sorted(scores) == ["384", "512"] and all(0 <= v <= 1 for v in scores.values())
+    assert sorted(report["passkey"]["rope"]["passkey/by_depth"]["512"]) == ["0.0", "1.0"]
+    assert report["passkey"]["rope"]["examples"]["passkey@512"]["answers"][0].isdigit()
     paths = write_report(report, tmp_path)
     names = json.loads(paths["json"].read_text())["files"]
     for name in ("passkey_rope.png", "niah_self_extend.png", "retrieval_vs_length.png"):

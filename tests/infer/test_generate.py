@@ -12,6 +12,8 @@ import pytest
 from longctx import positions
 from longctx.infer import KVCache
 from longctx.infer.generate import Generator, empty_cache, greedy, left_padded
+from longctx.models import param_structure
+from pallas_kernels import masks
 from tiny_models import CONFIG, random_params, scheme_model
 
 # Schemes whose tables follow the sequence length. Cached, an earlier token's hidden states (so the keys and values
@@ -23,13 +25,16 @@ LENGTH_DEPENDENT = {name for name in positions.names()
 
 ENCODED = [name for name in positions.names() if scheme_model(name).position_scheme.encodes_keys_once()]
 # (scheme, cache, page size, attention_impl): encoded caches decode through the decoding kernel's reference on CPU
-# ("auto"), the Triton kernel in interpret mode ("pallas_interpret", which also prefills through the flash kernels),
-# or jax.nn.dot_product_attention over the cache ("xla").
+# ("auto"), the Triton kernel in interpret mode ("pallas_interpret", which also prefills through the flash kernels,
+# raw caches included), or jax.nn.dot_product_attention over the cache ("xla"). A fifth entry is the layers' mask.
 CACHES = ([(name, "raw", None, "xla") for name in positions.names()]
           + [(name, "encoded", None, "auto") for name in ENCODED]
           + [("rope", "encoded", None, "xla"), ("rope", "raw", 4, "xla"), ("self_extend", "raw", 4, "xla"),
              ("rope", "encoded", 4, "auto"), ("yarn", "encoded", 16, "pallas_interpret"),
-             ("rope", "encoded", None, "pallas_interpret")])
+             ("rope", "encoded", None, "pallas_interpret"), ("self_extend", "raw", None, "pallas_interpret"),
+             ("rope", "encoded", None, "pallas_interpret", "sliding_window(20)"),
+             ("rope", "raw", 16, "pallas_interpret", "sliding_window(20)"),
+             ("rope", "encoded", None, "auto", "sinks_window(sinks=2, window=20)")])
 
 
 def test_keys_are_encoded_once_exactly_for_fixed_tables_and_plain_attention():
@@ -51,8 +56,8 @@ def up_to(batch, stop):
     return tuple(jnp.asarray(np.where(kept, batch[key], 0)) for key in ("tokens", "positions", "segment_ids"))
 
 
-@pytest.mark.parametrize("name,cache_kind,page_size,impl", CACHES)
-def test_cached_decoding_equals_the_full_forward(name, cache_kind, page_size, impl):
+@pytest.mark.parametrize("name,cache_kind,page_size,impl,mask", [(*case, "causal")[:5] for case in CACHES])
+def test_cached_decoding_equals_the_full_forward(name, cache_kind, page_size, impl, mask):
     """Rows of different prompt lengths, left-padded, prefilled in chunks and decoded a token at a time: every call's
     logits equal those of the full forward over the same padded batch up to the call's last column (schemes that
     follow the length, dynamic NTK and CLEX, see the length reached so far, as in generation), for caches of raw and
@@ -62,7 +67,7 @@ def test_cached_decoding_equals_the_full_forward(name, cache_kind, page_size, im
     # layer once failed flax's nn.scan).
     sizes = {"head_dim": 64, "scan_layers": True} if impl == "pallas_interpret" else {}
     model = scheme_model(name, num_layers=1 if name in LENGTH_DEPENDENT else CONFIG.num_layers, attention_impl=impl,
-                         **sizes)
+                         mask=masks.parse(mask), **sizes)
     params = random_params(model)
     rng = np.random.default_rng(0)
     sequences = [rng.integers(0, CONFIG.vocab_size, n).astype(np.int32) for n in (70, 20)]
@@ -176,17 +181,55 @@ def test_a_decoding_kernel_that_cannot_serve_the_step_says_why():
             assert step()[0].shape == (1, 1, CONFIG.vocab_size)
 
 
+def score_shaped(jaxpr, T: int, S: int) -> list[str]:
+    """The equations of `jaxpr` (and of the jaxprs inside it, kernels' bodies aside) that build an array with an axis
+    of T queries and one of S keys."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for var in eqn.outvars:
+            shape = getattr(var.aval, "shape", ())
+            if T in shape and S in shape[shape.index(T) + 1:] + shape[:shape.index(T)]:
+                found.append(f"{eqn.primitive.name} -> {shape}")
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += score_shaped(inner, T, S)
+    return found
+
+
+@pytest.mark.parametrize("name,cache_kind", [("rope", "encoded"), ("self_extend", "raw")])
+def test_a_prefill_chunk_at_a_run_time_offset_builds_no_score_matrix(name, cache_kind):
+    """A chunk of T = 128 new tokens at a traced offset over S = 320 cached columns: through the flash kernels
+    (pallas_interpret) no array has a T axis and an S axis; through jax.nn.dot_product_attention ("xla", the positive
+    control) the [B, Hq, T, S] scores are found."""
+    T, S = 128, 320
+    for impl in ("pallas_interpret", "xla"):
+        model = scheme_model(name, attention_impl=impl, head_dim=64)
+        params = param_structure(model)[0]
+        cache = jax.eval_shape(lambda: empty_cache(model, 2, S, starts=np.array([0, 5]),
+                                                   encoded=cache_kind == "encoded"))
+        tokens = jax.ShapeDtypeStruct((2, T), jnp.int32)
+        prefill = lambda params, cache, tokens: model.apply({"params": params}, tokens, tokens, cache=cache,
+                                                            last_logits_only=True)
+        found = score_shaped(jax.make_jaxpr(prefill)(params, cache, tokens).jaxpr, T, S)
+        assert bool(found) == (impl == "xla"), (impl, found)
+
+
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="needs a CUDA GPU")
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_generation_through_the_gpu_kernels_equals_rerunning_the_whole_sequence(scan_layers):
-    """The flash kernels prefill and the Triton decoding kernel decodes (impl "pallas"), over prompts of a few key
-    blocks, left-padded, prefilled in chunks; the naive loop runs jax.nn.dot_product_attention over the sequence."""
-    model = scheme_model("rope", attention_impl="pallas", head_dim=64, scan_layers=scan_layers)
+@pytest.mark.parametrize("name,cache,scan_layers", [("rope", "encoded", False), ("rope", "encoded", True),
+                                                     ("self_extend", "raw", False)])
+def test_generation_through_the_gpu_kernels_equals_rerunning_the_whole_sequence(name, cache, scan_layers):
+    """The flash kernels prefill and the Triton decoding kernel decodes (impl "pallas"; a raw cache decodes through the
+    flash kernels), over prompts of a few key blocks, left-padded, prefilled in chunks; the naive loop runs
+    jax.nn.dot_product_attention over the sequence."""
+    model = scheme_model(name, attention_impl="pallas", head_dim=64, scan_layers=scan_layers)
     params = random_params(model, seed=3)
     rng = np.random.default_rng(2)
     prompts = [rng.integers(1, CONFIG.vocab_size, n).astype(np.int32) for n in (300, 37, 190)]
-    got = greedy(model, params, prompts, max_new_tokens=8, pad_id=0, batch_size=3, prefill_chunk=128,
-                 cache="encoded")
+    got = greedy(model, params, prompts, max_new_tokens=8, pad_id=0, batch_size=3, prefill_chunk=128, cache=cache)
     reference = model.clone(config=dataclasses.replace(model.config, attention_impl="xla"))
     for prompt, continuation in zip(prompts, got):
         np.testing.assert_array_equal(continuation, naive_greedy(reference, params, prompt, 8))
