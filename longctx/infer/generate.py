@@ -163,26 +163,7 @@ class Generator:
             return []
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if min(len(p) for p in prompts) < 1:
-            raise ValueError("every prompt needs at least one token")
-        longest = max(len(p) for p in prompts)
-        if self.max_length is not None and longest + max_new_tokens > self.max_length:
-            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
-                             f"maximum length {self.max_length}")
-        chunk = self.prefill_chunk or math.ceil(longest / WIDTH_GRANULE) * WIDTH_GRANULE
-        width = math.ceil(longest / chunk) * chunk
-        batch = left_padded(prompts, width, self.pad_id)
-        cache = self.empty_cache(batch["starts"], max(width + max_new_tokens, self.max_length or 0))
-        observe = 0 if self.compression is None else min(self.compression.observes, width)
-        for start in range(0, width, chunk):
-            columns = slice(start, start + chunk)
-            logits, cache, queries = self._prefill(
-                self.model, self.params, cache, jnp.asarray(batch["tokens"][:, columns]),
-                jnp.asarray(batch["positions"][:, columns]), observe if start + chunk == width else 0)
-        if self.compression is not None:
-            budgets = self.compression.budgets(width - batch["starts"])
-            cache = compress(cache, self.compression, width - batch["starts"], queries=queries,
-                             capacity=self.cache_length(int(budgets.max()) + max_new_tokens))
+        logits, cache = self.prefill(prompts, room=max_new_tokens)
         next_positions = jnp.asarray([len(p) for p in prompts], jnp.int32)
         stops = tuple(int(s) for s in stop_ids) or (-2,)
         out = np.asarray(self._decode(self.model, self.params, cache, logits, next_positions, self.rng, stops,
@@ -193,6 +174,31 @@ class Generator:
             stop_at = np.flatnonzero(np.isin(row, stops))
             results.append(row[: stop_at[0] + 1] if len(stop_at) else row)
         return results
+
+    def prefill(self, prompts: Sequence[np.ndarray], *, room: int) -> tuple[jax.Array, KVCache]:
+        """The last logits [B, vocab] of a batch of prompts, left-padded and prefilled in chunks, and the cache
+        holding them with room for `room` more columns (compressed after the prefill under `compression`)."""
+        if min(len(p) for p in prompts) < 1:
+            raise ValueError("every prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        if self.max_length is not None and longest + room > self.max_length:
+            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={room} exceeds the "
+                             f"maximum length {self.max_length}")
+        chunk = self.prefill_chunk or math.ceil(longest / WIDTH_GRANULE) * WIDTH_GRANULE
+        width = math.ceil(longest / chunk) * chunk
+        batch = left_padded(prompts, width, self.pad_id)
+        cache = self.empty_cache(batch["starts"], max(width + room, self.max_length or 0))
+        observe = 0 if self.compression is None else min(self.compression.observes, width)
+        for start in range(0, width, chunk):
+            columns = slice(start, start + chunk)
+            logits, cache, queries = self._prefill(
+                self.model, self.params, cache, jnp.asarray(batch["tokens"][:, columns]),
+                jnp.asarray(batch["positions"][:, columns]), observe if start + chunk == width else 0)
+        if self.compression is not None:
+            budgets = self.compression.budgets(width - batch["starts"])
+            cache = compress(cache, self.compression, width - batch["starts"], queries=queries,
+                             capacity=self.cache_length(int(budgets.max()) + room))
+        return logits, cache
 
     def empty_cache(self, starts: np.ndarray, max_length: int) -> KVCache:
         """The cache of a batch whose rows start at `starts`, with room for at least `max_length` columns, placed as
