@@ -158,18 +158,19 @@ def main() -> None:
     parts = args.parts.split(",")
     if not set(parts) <= set(PARTS):
         parser.error(f"--parts: some of {','.join(PARTS)}")
-    summary = {"device": jax.devices()[0].device_kind, "date": datetime.date.today().isoformat(),
-               "commit": args.commit, "jax": jax.__version__}
-    emit({"context": summary})
-    if "logits" in parts:
-        summary["logits"] = logits_part(args.gguf, args.text_tokens)
-    if "prefill" in parts:
-        summary["prefill"] = prefill_part(args.gguf, args.prefill_length, [int(c) for c in args.chunks.split(",")],
-                                          args.repeats, args.loss_chunk)
-    if "eval" in parts:
-        summary["eval"] = [eval_part(args.gguf, args.workdir, args.lengths, args.positions, int(chunk),
-                                     args.overrides.split(",") if args.overrides else [])
-                           for chunk in args.eval_chunks.split(",")]
+    summary = {"date": datetime.date.today().isoformat(), "commit": args.commit, "jax": jax.__version__}
+    for part in parts:  # in the order given; the eval runs in a process of its own, so this one should not yet hold
+        # the GPU's memory (jax takes most of it at its first use) when the eval comes first
+        if part == "logits":
+            summary["logits"] = logits_part(args.gguf, args.text_tokens)
+        elif part == "prefill":
+            summary["prefill"] = prefill_part(args.gguf, args.prefill_length,
+                                              [int(c) for c in args.chunks.split(",")], args.repeats, args.loss_chunk)
+        else:
+            summary["eval"] = [eval_part(args.gguf, args.workdir, args.lengths, args.positions, int(chunk),
+                                         args.overrides.split(",") if args.overrides else [])
+                               for chunk in args.eval_chunks.split(",")]
+    summary["device"] = jax.devices()[0].device_kind
     emit({"summary": summary})
 
 
