@@ -3,8 +3,8 @@
 `load(path)` has `hf.load`'s contract: a longctx `Llama` and its float32 params, with the position scheme the file's
 `{arch}.rope.*` metadata gives, so that `model.apply({"params": params}, ids)` gives the logits the file's weights
 define. The file is read through `gguf`, llama.cpp's own reader: memory-mapped, one tensor dequantised at a time
-(F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants: whatever `gguf.quants.dequantize` takes); the file is
-never expanded to float32 as a whole beyond the tensors the params are made from.
+(F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the K-quants: whatever `gguf.quants.dequantize` takes) when it is
+made into its param (`Tensors`), so loading holds the params and one tensor in float32, never the whole file.
 
 The metadata becomes the HF config transformers would write for the model and the tensors take their HF names, so
 the checks and the weight mapping are `longctx.models.hf`'s. One difference from an HF checkpoint: llama.cpp's
@@ -17,11 +17,11 @@ qwen2 files keep HF's order (GGML's "neox" RoPE). What longctx cannot honour rai
 tensor: another architecture, llama3-style `rope_freqs` factors, a rope scaling type other than linear or yarn.
 """
 
+from collections.abc import Mapping
 import pathlib
 from typing import Any
 
 import gguf as gguf_lib
-import jax.numpy as jnp
 import numpy as np
 
 from longctx.data.tokenizers import HFTokenizer, gguf_tokenizer
@@ -159,16 +159,31 @@ def unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return pairs.swapaxes(1, 2).reshape(weight.shape)
 
 
-def read_tensors(reader: gguf_lib.GGUFReader, config: dict[str, Any]) -> dict[str, jnp.ndarray]:
-    """Every tensor of the file, dequantised to float32 one at a time, under its HF name and in HF's layout."""
-    tensors = {}
-    for tensor in reader.tensors:
-        name, values = hf_name(tensor.name), dequantized(tensor)
-        if config["model_type"] == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = config["num_attention_heads" if "attn_q" in tensor.name else "num_key_value_heads"]
+class Tensors(Mapping):
+    """The file's tensors under their HF names, each dequantised to float32 in HF's layout when it is read (and
+    not kept), so that making params from them (`hf.params_from_hf`) holds one tensor in float32 beside the params;
+    `shapes` gives every HF shape from the file's header alone."""
+
+    def __init__(self, reader: gguf_lib.GGUFReader, config: dict[str, Any]):
+        self._tensors = {hf_name(tensor.name): tensor for tensor in reader.tensors}
+        self._config = config
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        tensor = self._tensors[name]
+        values = dequantized(tensor)
+        if self._config["model_type"] == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = self._config["num_attention_heads" if "attn_q" in tensor.name else "num_key_value_heads"]
             values = unpermute_rows(values, heads)
-        tensors[name] = jnp.asarray(values)
-    return tensors
+        return values
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(int(n) for n in reversed(tensor.shape)) for name, tensor in self._tensors.items()}
 
 
 def load(path: str | pathlib.Path, *, dtype: str = "float32", attention_impl: str = "auto") -> tuple[Llama, dict]:
@@ -177,8 +192,8 @@ def load(path: str | pathlib.Path, *, dtype: str = "float32", attention_impl: st
     config = hf_config(reader)
     llama_config = hf.llama_config_from_hf(config, dtype=dtype, attention_impl=attention_impl)
     model = Llama(llama_config, position_scheme=from_hf_config(config))
-    tensors = read_tensors(reader, config)
-    hf.check_tensors(tensors, model)
+    tensors = Tensors(reader, config)
+    hf.check_tensors(tensors.shapes(), model)
     return model, hf.params_from_hf(tensors, llama_config)
 
 

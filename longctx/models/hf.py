@@ -12,12 +12,14 @@ our RoPE uses. What the longctx model cannot honour — another activation, bias
 sliding windows on some layers only — raises NotImplementedError naming the field.
 """
 
+from collections.abc import Mapping
 import json
 import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from safetensors import safe_open
 from safetensors.flax import save_file
 
@@ -137,15 +139,16 @@ def _hf_names(config: LlamaConfig) -> dict[tuple[str, ...], tuple[str, str]]:
     return names
 
 
-def check_tensors(tensors: dict[str, jnp.ndarray], model: Llama) -> None:
-    """Raises ValueError naming missing, unexpected or misshapen checkpoint tensors for `model`."""
+def check_tensors(shapes: Mapping[str, tuple[int, ...]], model: Llama) -> None:
+    """Raises ValueError naming missing, unexpected or misshapen checkpoint tensors for `model` (`shapes`: each
+    checkpoint tensor's name → shape)."""
     abstract = jax.eval_shape(lambda: init_params(model, jax.random.key(0))[0])
     expected = jax.eval_shape(lambda params: hf_tensors(params, model.config), abstract)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(name for name in set(tensors) - set(expected) if not name.endswith(_BUFFERS)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(name for name in set(shapes) - set(expected) if not name.endswith(_BUFFERS)
                         and not (model.config.tie_embeddings and name == "lm_head.weight"))
-    misshapen = [f"{name} {tuple(tensors[name].shape)}, not {expected[name].shape}"
-                 for name in sorted(set(expected) & set(tensors)) if tuple(tensors[name].shape) != expected[name].shape]
+    misshapen = [f"{name} {tuple(shapes[name])}, not {expected[name].shape}"
+                 for name in sorted(set(expected) & set(shapes)) if tuple(shapes[name]) != expected[name].shape]
     problems = [f"{what} {', '.join(names[:5])}{'...' if len(names) > 5 else ''}"
                 for what, names in (("missing tensors", missing), ("unexpected tensors", unexpected),
                                     ("tensors of another shape:", misshapen)) if names]
@@ -153,11 +156,12 @@ def check_tensors(tensors: dict[str, jnp.ndarray], model: Llama) -> None:
         raise ValueError(f"the checkpoint does not match its config: {'; '.join(problems)}")
 
 
-def params_from_hf(tensors: dict[str, jnp.ndarray], config: LlamaConfig) -> dict:
-    """The longctx params tree of HF `tensors` (checked by `check_tensors`)."""
+def params_from_hf(tensors: Mapping[str, jnp.ndarray | np.ndarray], config: LlamaConfig) -> dict:
+    """The longctx params tree of HF `tensors` (checked by `check_tensors`), float32; each tensor is read once, so a
+    mapping that makes its tensors when read (`gguf.Tensors`) holds one at a time beside the params."""
     params: dict = {}
     for path, (hf_name, how) in _hf_names(config).items():
-        tensor = tensors[hf_name]
+        tensor = jnp.asarray(tensors[hf_name], jnp.float32)
         if how == "linear":  # [out, in] → [in, out], attention outputs split into heads
             value = tensor.T
             heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads, "v_proj": config.num_kv_heads}
@@ -183,7 +187,7 @@ def load(path: str | pathlib.Path, *, dtype: str = "float32", attention_impl: st
     llama_config = llama_config_from_hf(config, dtype=dtype, attention_impl=attention_impl)
     model = Llama(llama_config, position_scheme=from_hf_config(config))
     tensors = read_tensors(path)
-    check_tensors(tensors, model)
+    check_tensors({name: tensor.shape for name, tensor in tensors.items()}, model)
     return model, params_from_hf(tensors, llama_config)
 
 

@@ -58,6 +58,21 @@ def test_a_float32_file_gives_the_hf_checkpoints_params_exactly(files):
     jax.tree.map(np.testing.assert_array_equal, params, hf_params)
 
 
+def test_tensors_are_dequantised_one_at_a_time_when_read(files, monkeypatch):
+    """The header alone gives every HF shape, and making the params dequantises each tensor once, when it is made
+    into its param (so the file is never held in float32 beside the params)."""
+    reader = gguf_model.open_file(files[("llama", "Q4_1", "Q8_0")])
+    tensors = gguf_model.Tensors(reader, gguf_model.hf_config(reader))
+    read = []
+    real = gguf_model.dequantized
+    monkeypatch.setattr(gguf_model, "dequantized", lambda tensor: read.append(tensor.name) or real(tensor))
+    shapes = tensors.shapes()
+    assert not read and len(shapes) == len(reader.tensors)
+    model, params = gguf_model.load(files[("llama", "Q4_1", "Q8_0")])
+    assert sorted(read) == sorted(tensor.name for tensor in reader.tensors)
+    assert {name: tensors[name].shape for name in shapes} == shapes
+
+
 def test_quantised_weights_are_the_dequantised_values(files):
     """Every matrix of the Q4_1 file (token embedding Q8_0) is stored in its format and reads back as the
     checkpoint's values within the format's rounding (1-D tensors exactly)."""
