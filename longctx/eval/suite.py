@@ -34,7 +34,7 @@ from longctx.data import Tokenizer, load_tokenizer, pipeline
 from longctx.eval import longbench, niah, passkey, ppl, ruler
 from longctx.eval.tasks import Sample
 from longctx.infer.compress import Compression
-from longctx.infer.generate import Generator
+from longctx.infer.generate import Generator, check_generation
 from longctx.models import adapt_params, build_model, check_forward, param_structure
 from longctx.train import checkpoint
 
@@ -42,6 +42,7 @@ log = logging.getLogger("longctx.eval")
 
 TASKS = ("ppl", "passkey", "niah", "ruler", "longbench")
 GENERATION_TASKS = ("passkey", "niah", "ruler", "longbench")
+MAX_NEW_TOKENS_BOUND = 128  # room the generation checks give the answers (the tasks' answers are shorter)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +51,9 @@ class Options:
     per (task, length, depth) cell; stride: also sliding-window perplexity with this stride (None: not);
     haystack: a text file for niah and RULER's essay tasks (None: the run's held-out documents); ruler_tasks:
     which RULER tasks; longbench: jsonl files; batch_size: generation batch (None: the run's eval.batch_size);
-    prefill_chunk: prompt columns per prefill call (bounds the score matrix); seed: of every sampled prompt;
-    cache, page_size, compression: the KV cache generation runs with (`longctx.infer.generate.Generator`)."""
+    prefill_chunk: prompt columns per prefill call; seed: of every sampled prompt; cache, page_size, compression:
+    the KV cache generation runs with; unroll_layers: generation with the layers unrolled (faster decoding steps,
+    about three times the compilation; `longctx.infer.generate.Generator`)."""
 
     tasks: tuple[str, ...] = ("ppl",)
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -66,6 +68,7 @@ class Options:
     cache: str = "auto"
     page_size: int | None = None
     compression: Compression | None = None
+    unroll_layers: bool = False
 
     def check(self) -> None:
         unknown = [task for task in self.tasks if task not in TASKS]
@@ -205,8 +208,14 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
         if limit is not None and max(lengths) > limit:
             raise ValueError(f"position scheme {scheme.label!r} is defined up to {limit} tokens, and --lengths goes "
                              f"to {max(lengths)}; evaluate at shorter lengths or raise the scheme's range")
-        for length in lengths:
-            check_forward(model, config.eval.batch_size, length, packed=generating)
+        abstract = param_structure(model)[0]
+        if "ppl" in options.tasks:
+            for length in lengths:
+                check_forward(model, config.eval.batch_size, length, packed=False, abstract_params=abstract)
+        if generating:  # the path generation runs: prefill chunks into a cache of the longest length, then decoding
+            check_generation(model, abstract, batch_size=options.batch_size or config.eval.batch_size,
+                             max_length=max(lengths) + MAX_NEW_TOKENS_BOUND, prefill_chunk=options.prefill_chunk,
+                             cache=options.cache, page_size=options.page_size)
 
     if "ppl" in options.tasks and options.stride is not None and options.stride > min(lengths):
         raise ValueError(f"--stride {options.stride} is longer than the shortest length {min(lengths)}")
@@ -366,7 +375,8 @@ def run(evaluation: Evaluation) -> dict[str, Any]:
         # Caches of the longest prompt's size: one compiled prefill chunk and decoding loop serve every length.
         generator = Generator(model, model_params, pad_id=evaluation.tokenizer.pad_id,
                               prefill_chunk=options.prefill_chunk, max_length=longest, cache=options.cache,
-                              page_size=options.page_size, compression=options.compression)
+                              page_size=options.page_size, compression=options.compression,
+                              unroll_layers=options.unroll_layers)
         for task in evaluation.samples:
             progress.begin(scheme.label, task)
             report[task][scheme.label] = generation_results(evaluation, generator, task, progress)

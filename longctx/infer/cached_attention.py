@@ -113,10 +113,17 @@ def over_cache(q: jax.Array, keys: jax.Array, values: jax.Array, view: CacheView
     if pad:
         q = jnp.pad(q, ((0, 0), (pad, 0), (0, 0), (0, 0)))
         segment_ids = jnp.pad(segment_ids, ((0, 0), (pad, 0)))
-    keys, values, kv_segment_ids = (jnp.roll(x, -view.length, axis=1) for x in (keys, values, kv_segment_ids))
+    keys, values, kv_segment_ids = (rotated(x, view.length) for x in (keys, values, kv_segment_ids))
     result = attention(q, keys, values, mask=mask, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                        q_offset=S - T - pad, impl=impl, **overrides)
     return jax.tree.map(lambda x: x[:, pad:], result)
+
+
+def rotated(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """x [B, S, ...] with column c moved to (c − shift) mod S, for a traced shift (what jnp.roll(x, -shift, 1)
+    computes, without its trial of the shift as a constant, which costs tracing a raised error per call)."""
+    S = x.shape[1]
+    return jax.lax.dynamic_slice_in_dim(jnp.concatenate([x, x], axis=1), shift % S, S, axis=1)
 
 
 def encoded(q: jax.Array, keys: jax.Array, values: jax.Array, view: CacheView, layer: jax.Array | int, *,

@@ -24,7 +24,7 @@ import numpy as np
 from longctx.infer.compress import Compression, compress, observed_queries
 from longctx.infer.kv_cache import KVCache
 from longctx.infer.sampling import Sampling, next_tokens
-from longctx.models import Llama, unscanned
+from longctx.models import Llama, scanned, unscanned
 
 logger = logging.getLogger("longctx.infer")
 WIDTH_GRANULE = 64  # prompt widths round up to a multiple of this (or of the prefill chunk): fewer compilations
@@ -52,6 +52,28 @@ def empty_cache(model: Llama, batch_size: int, max_length: int, *, starts=None, 
     return KVCache.empty(num_layers=cfg.num_layers, batch_size=batch_size, max_length=max_length,
                          num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, dtype=cfg.compute_dtype,
                          starts=starts, encoded=encoded, page_size=page_size)
+
+
+def check_generation(model: Llama, abstract_params, *, batch_size: int, max_length: int,
+                     prefill_chunk: int | None = None, cache: str = "auto", page_size: int | None = None) -> None:
+    """Traces (no compute) what `Generator` runs: one prefill chunk into a cache of `max_length` columns and one
+    decoding step after it, so that a request no attention implementation can honour raises ValueError (naming
+    `model.attention.impl`) before any work. `abstract_params`: `longctx.models.param_structure(model)[0]`."""
+    encoded = cache_encodes_keys(model, cache)
+    granule = math.lcm(CACHE_GRANULE, page_size or 1)
+    columns = math.ceil(max_length / granule) * granule
+    chunk = min(prefill_chunk or max_length, columns - 1)
+
+    def prefill_and_step(params):
+        kv = empty_cache(model, batch_size, columns, encoded=encoded, page_size=page_size)
+        tokens = jnp.zeros((batch_size, chunk), jnp.int32)
+        _, kv = model.apply({"params": params}, tokens, tokens, cache=kv, last_logits_only=True)
+        return model.apply({"params": params}, tokens[:, :1], tokens[:, :1] + chunk, cache=kv)
+
+    try:
+        jax.eval_shape(prefill_and_step, abstract_params)
+    except NotImplementedError as e:
+        raise ValueError(f"model.attention.impl={model.config.attention_impl!r}: {e}") from None
 
 
 def cache_placement(params) -> jax.sharding.Sharding | None:
@@ -126,12 +148,16 @@ class Generator:
     `sampling` (default greedy) picks each token; `seed` seeds the sampling of every `generate` call alike.
     `cache` ("auto", "encoded", "raw") and `page_size` choose the KV cache (module docstring); `compression`
     (`longctx.infer.compress`, encoded keys only) keeps a budget of each prompt's tokens after the prefill.
-    A model with scanned layers generates unscanned (`longctx.models.unscanned`: its own copy of the params).
+    `unroll_layers` (default): the layers run unrolled (`longctx.models.unscanned`; a scanned model's params are
+    copied), so a decoding step reads each layer's weights in place, as decoding at the speed of memory needs; False
+    runs them under `nn.scan` (`longctx.models.scanned`; an unrolled model's params are copied), which compiles in
+    about a third of the time and decodes each step slower (each layer's weights are sliced out of the stack): the
+    better trade where compilation outweighs decoding, as in evaluation.
     """
 
     def __init__(self, model: Llama, params, *, pad_id: int, prefill_chunk: int | None = None,
                  max_length: int | None = None, sampling: Sampling = Sampling(), seed: int = 0, cache: str = "auto",
-                 page_size: int | None = None, compression: Compression | None = None):
+                 page_size: int | None = None, compression: Compression | None = None, unroll_layers: bool = True):
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
@@ -139,7 +165,7 @@ class Generator:
             raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
         if page_size is not None and (isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1):
             raise ValueError(f"page_size must be a positive int or None, got {page_size!r}")
-        self.model, self.params = unscanned(model, params)  # a decoding step reads each layer's weights in place
+        self.model, self.params = (unscanned if unroll_layers else scanned)(model, params)
         self.pad_id = pad_id
         self.encoded, self.page_size = cache_encodes_keys(model, cache), page_size
         if compression is not None and not self.encoded:

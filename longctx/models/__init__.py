@@ -8,7 +8,7 @@ from pallas_kernels import masks
 
 from longctx import positions
 from longctx.models.llama import (Llama, LlamaConfig, check_forward, init_params, output_weights, param_structure,
-                                  unscanned)
+                                  scanned, unscanned)
 
 
 def mask_from_config(attention: ml_collections.ConfigDict) -> masks.Mask:
@@ -82,4 +82,4 @@ def adapt_params(model: Llama, params: dict, label: str = "") -> dict:
 
 
 __all__ = ["Llama", "adapt_params", "LlamaConfig", "build_model", "check_forward", "init_params", "mask_from_config",
-           "output_weights", "param_structure", "unscanned"]
+           "output_weights", "param_structure", "scanned", "unscanned"]

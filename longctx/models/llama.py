@@ -346,6 +346,20 @@ def unscanned(model: Llama, params) -> tuple[Llama, dict]:
     return model.clone(config=dataclasses.replace(model.config, scan_layers=False)), {**rest, **layers}
 
 
+def scanned(model: Llama, params) -> tuple[Llama, dict]:
+    """The inverse of `unscanned`: (model, params) with layers_0 .. layers_{L-1} stacked into params["layers"]
+    [num_layers, ...] and the model with scan_layers True (unchanged when it already is). Same function; XLA compiles
+    one layer body instead of L, about a third of the compilation time of a 30-layer model (SmolLM2-135M on a CPU:
+    4 s against 13 s for a prefill chunk and a decoding loop), for programs compiled more often than they run long
+    (evaluation). Costs one copy of the params."""
+    if model.config.scan_layers:
+        return model, params
+    layers = [params[f"layers_{i}"] for i in range(model.config.num_layers)]
+    rest = {key: value for key, value in params.items() if not key.startswith("layers_")}
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return model.clone(config=dataclasses.replace(model.config, scan_layers=True)), {**rest, "layers": stacked}
+
+
 def param_structure(model: Llama):
     """(abstract params, logical_axes) without computing anything: ShapeDtypeStructs (shape and dtype only, whatever
     mesh is current: a caller's own jax.set_mesh does not follow them into the trainer's) and logical

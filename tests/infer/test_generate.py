@@ -12,7 +12,7 @@ import pytest
 from longctx import positions
 from longctx.infer import KVCache
 from longctx.infer.generate import Generator, empty_cache, greedy, left_padded
-from longctx.models import param_structure
+from longctx.models import param_structure, scanned, unscanned
 from pallas_kernels import masks
 from tiny_models import CONFIG, random_params, scheme_model
 
@@ -139,6 +139,22 @@ def test_greedy_generation_equals_rerunning_the_whole_sequence(name, scan_layers
         np.testing.assert_array_equal(continuation, naive_greedy(model, params, prompt, 6))
 
 
+def test_generation_with_scanned_layers_equals_unrolled():
+    """`unroll_layers=False` stacks an unrolled model's layers (`scanned`, the inverse of `unscanned`) and generates
+    what the unrolled layers generate, from the same prompts."""
+    model = scheme_model("self_extend")
+    params = random_params(model, seed=3)
+    stacked_model, stacked = scanned(model, params)
+    assert stacked_model.config.scan_layers and stacked["layers"]["attn"]["q_proj"]["kernel"].shape[0] == 2
+    jax.tree.map(np.testing.assert_array_equal, unscanned(stacked_model, stacked)[1], params)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(1, CONFIG.vocab_size, n).astype(np.int32) for n in (5, 11)]
+    runs = [Generator(model, params, pad_id=0, prefill_chunk=4, unroll_layers=unroll).generate_batched(
+        prompts, max_new_tokens=5, batch_size=2) for unroll in (True, False)]
+    for unrolled, scanned_run in zip(*runs):
+        np.testing.assert_array_equal(scanned_run, unrolled)
+
+
 def test_generation_stops_at_a_stop_token():
     model = scheme_model("rope")
     params = random_params(model, seed=3)
@@ -223,13 +239,14 @@ def test_a_prefill_chunk_at_a_run_time_offset_builds_no_score_matrix(name, cache
                                                      ("self_extend", "raw", False)])
 def test_generation_through_the_gpu_kernels_equals_rerunning_the_whole_sequence(name, cache, scan_layers):
     """The flash kernels prefill and the Triton decoding kernel decodes (impl "pallas"; a raw cache decodes through the
-    flash kernels), over prompts of a few key blocks, left-padded, prefilled in chunks; the naive loop runs
-    jax.nn.dot_product_attention over the sequence."""
+    flash kernels), over prompts of a few key blocks, left-padded, prefilled in chunks, the layers scanned or not;
+    the naive loop runs jax.nn.dot_product_attention over the sequence."""
     model = scheme_model(name, attention_impl="pallas", head_dim=64, scan_layers=scan_layers)
     params = random_params(model, seed=3)
     rng = np.random.default_rng(2)
     prompts = [rng.integers(1, CONFIG.vocab_size, n).astype(np.int32) for n in (300, 37, 190)]
-    got = greedy(model, params, prompts, max_new_tokens=8, pad_id=0, batch_size=3, prefill_chunk=128, cache=cache)
+    generator = Generator(model, params, pad_id=0, prefill_chunk=128, cache=cache, unroll_layers=not scan_layers)
+    got = generator.generate_batched(prompts, max_new_tokens=8, batch_size=3)
     reference = model.clone(config=dataclasses.replace(model.config, attention_impl="xla"))
     for prompt, continuation in zip(prompts, got):
         np.testing.assert_array_equal(continuation, naive_greedy(reference, params, prompt, 8))
