@@ -40,12 +40,21 @@ def render(key: str, depth: float, num_filler: int) -> str:
 
 
 def fit_filler(render_filler: Callable[[int], str], tokenizer: Tokenizer, length: int) -> tuple[int, np.ndarray]:
-    """`fit_to_length` over filler units, its upper bound doubled until it no longer fits (so it never binds)."""
+    """`fit_to_length` over filler units, searched from the count the units' token length predicts (the filler
+    tokenizes alike each time it repeats): steps out from it, doubling, to an n that fits and one that does not, so a
+    32K prompt takes a few tokenizations instead of a binary search from zero."""
+    def fits(n: int) -> bool:
+        return len(with_bos(tokenizer, render_filler(n))) <= length
+
     unit_tokens = max(1, len(tokenizer.encode(FILLER * 2)) - len(tokenizer.encode(FILLER)))
-    upper = length // unit_tokens + 1
-    while len(with_bos(tokenizer, render_filler(upper))) <= length:
-        upper *= 2
-    return fit_to_length(render_filler, tokenizer, length, upper=upper)
+    lower = max(0, (length - len(with_bos(tokenizer, render_filler(0)))) // unit_tokens)
+    step = 1
+    while lower > 0 and not fits(lower):
+        lower, step = max(0, lower - step), step * 2
+    upper, step = lower + 1, 1
+    while fits(upper):
+        lower, upper, step = upper, upper + step, step * 2
+    return fit_to_length(render_filler, tokenizer, length, upper=upper, lower=lower)
 
 
 def build(tokenizer: Tokenizer, lengths: Sequence[int], depths: Sequence[float], *, num_samples: int = 1,

@@ -61,14 +61,14 @@ def with_bos(tokenizer: Tokenizer, text: str) -> np.ndarray:
 
 
 def fit_to_length(render: Callable[[int], str], tokenizer: Tokenizer, length: int, *,
-                  upper: int) -> tuple[int, np.ndarray]:
+                  upper: int, lower: int = 0) -> tuple[int, np.ndarray]:
     """(n, prompt): the largest n in [0, upper] whose `with_bos(render(n))` has at most `length` tokens, and that
     prompt. `render(n)` must grow with n (n units of filler or haystack). Raises ValueError when even n = 0 does not
-    fit: `length` is too short for the task's fixed text."""
-    if len(with_bos(tokenizer, render(0))) > length:
+    fit: `length` is too short for the task's fixed text. `lower`: an n known to fit, where the search starts."""
+    if lower == 0 and len(with_bos(tokenizer, render(0))) > length:
         raise ValueError(f"length {length} is too short for this task's prompt even without filler "
                          f"({len(with_bos(tokenizer, render(0)))} tokens)")
-    low, high = 0, upper
+    low, high = lower, upper
     while low < high:  # invariant: render(low) fits
         mid = (low + high + 1) // 2
         if len(with_bos(tokenizer, render(mid))) <= length:
