@@ -208,12 +208,16 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
         if limit is not None and max(lengths) > limit:
             raise ValueError(f"position scheme {scheme.label!r} is defined up to {limit} tokens, and --lengths goes "
                              f"to {max(lengths)}; evaluate at shorter lengths or raise the scheme's range")
-        abstract = param_structure(model)[0]
         if "ppl" in options.tasks:
+            abstract = param_structure(model)[0]
             for length in lengths:
                 check_forward(model, config.eval.batch_size, length, packed=False, abstract_params=abstract)
-        if generating:  # the path generation runs: prefill chunks into a cache of the longest length, then decoding
-            check_generation(model, abstract, batch_size=options.batch_size or config.eval.batch_size,
+        if generating:  # the path generation runs: prefill chunks into a cache of the longest length, then decoding,
+            # with the layers as the Generator runs them (under nn.scan, unless unrolled: then traced 30 times)
+            generating_model = model.clone(config=dataclasses.replace(model.config,
+                                                                      scan_layers=not options.unroll_layers))
+            check_generation(generating_model, param_structure(generating_model)[0],
+                             batch_size=options.batch_size or config.eval.batch_size,
                              max_length=max(lengths) + MAX_NEW_TOKENS_BOUND, prefill_chunk=options.prefill_chunk,
                              cache=options.cache, page_size=options.page_size)
 
