@@ -54,14 +54,19 @@ def empty_cache(model: Llama, batch_size: int, max_length: int, *, starts=None, 
                          starts=starts, encoded=encoded, page_size=page_size)
 
 
+def cache_length(columns: int, page_size: int | None = None) -> int:
+    """`columns` rounded up to the granule of cache lengths (and the page size)."""
+    granule = math.lcm(CACHE_GRANULE, page_size or 1)
+    return math.ceil(columns / granule) * granule
+
+
 def check_generation(model: Llama, abstract_params, *, batch_size: int, max_length: int,
                      prefill_chunk: int | None = None, cache: str = "auto", page_size: int | None = None) -> None:
     """Traces (no compute) what `Generator` runs: one prefill chunk into a cache of `max_length` columns and one
     decoding step after it, so that a request no attention implementation can honour raises ValueError (naming
     `model.attention.impl`) before any work. `abstract_params`: `longctx.models.param_structure(model)[0]`."""
     encoded = cache_encodes_keys(model, cache)
-    granule = math.lcm(CACHE_GRANULE, page_size or 1)
-    columns = math.ceil(max_length / granule) * granule
+    columns = cache_length(max_length, page_size)
     chunk = min(prefill_chunk or max_length, columns - 1)
 
     def prefill_and_step(params):
@@ -235,9 +240,7 @@ class Generator:
         return cache if self._placement is None else jax.device_put(cache, self._placement)
 
     def cache_length(self, columns: int) -> int:
-        """`columns` rounded up to the granule of cache lengths (and the page size)."""
-        granule = math.lcm(CACHE_GRANULE, self.page_size or 1)
-        return math.ceil(columns / granule) * granule
+        return cache_length(columns, self.page_size)
 
     def generate_batched(self, prompts: Sequence[np.ndarray], *, max_new_tokens: int, batch_size: int,
                          stop_ids: Sequence[int] = (), on_batch: Callable[[int, int], None] | None = None
