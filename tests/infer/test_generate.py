@@ -14,6 +14,7 @@ from longctx.infer import KVCache
 from longctx.infer.generate import Generator, empty_cache, greedy, left_padded
 from longctx.models import param_structure, scanned, unscanned
 from pallas_kernels import masks
+from jaxprs import equations
 from tiny_models import CONFIG, random_params, scheme_model
 
 # Schemes whose tables follow the sequence length. Cached, an earlier token's hidden states (so the keys and values
@@ -201,18 +202,11 @@ def score_shaped(jaxpr, T: int, S: int) -> list[str]:
     """The equations of `jaxpr` (and of the jaxprs inside it, kernels' bodies aside) that build an array with an axis
     of T queries and one of S keys."""
     found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            continue
+    for eqn in equations(jaxpr, into_kernels=False):
         for var in eqn.outvars:
             shape = getattr(var.aval, "shape", ())
             if T in shape and S in shape[shape.index(T) + 1:] + shape[:shape.index(T)]:
                 found.append(f"{eqn.primitive.name} -> {shape}")
-        for param in eqn.params.values():
-            for inner in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(inner, "jaxpr", inner)
-                if hasattr(inner, "eqns"):
-                    found += score_shaped(inner, T, S)
     return found
 
 

@@ -16,6 +16,7 @@ from longctx import positions
 from longctx.models import Llama, LlamaConfig, init_params, unscanned
 
 from gpus import hopper_present
+from jaxprs import equations
 
 CONFIG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                      head_dim=8, attention_impl="reference")
@@ -135,14 +136,7 @@ def test_remat_keeping_the_flash_outputs_runs_the_forward_kernel_once(remat):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, grads_remat)
 
     def kernel_calls(jaxpr: jax.extend.core.Jaxpr) -> list[str]:
-        names = []
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "pallas_call":
-                names.append(eqn.params["name"])
-            for param in eqn.params.values():
-                if isinstance(param, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
-                    names += kernel_calls(getattr(param, "jaxpr", param))
-        return names
+        return [eqn.params["name"] for eqn in equations(jaxpr) if eqn.primitive.name == "pallas_call"]
 
     def forward_kernels(remat):
         return kernel_calls(jax.make_jaxpr(flash_gradient(flash_model(remat)))(params).jaxpr).count("flash_forward")
