@@ -86,7 +86,7 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.tfds_data_dir = ""  # Where tfds sets are prepared ("": tfds's default); nothing is ever downloaded.
     c.data.tfds_train_split = "train"  # The tfds split (any tfds split string) that training reads...
     c.data.tfds_valid_split = "validation"  # ...and the one evaluation reads.
-    c.data.tokenizer = "byte"  # "byte", a HF tokenizer.json path, or a sentencepiece .model path.
+    c.data.tokenizer = "byte"  # "byte", a HF tokenizer.json path, a sentencepiece .model path, or a GGUF file.
     c.data.seq_len = 4096  # Training length: the longest sequence of a batch.
     # How documents become rows of seq_len (longctx.data.packing): concat (concatenate and chunk: no padding, documents
     # cut at row ends) | first_fit | best_fit (bin packing of whole documents; longer ones cut into seq_len pieces) |

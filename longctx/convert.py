@@ -8,14 +8,13 @@ not resumed (there is no optimizer or data state to continue from).
 """
 
 import pathlib
-import shutil
 
 import jax
 import ml_collections
 
 from longctx import positions
 from longctx.config import base_config, positions_config, validate
-from longctx.data import load_tokenizer
+from longctx.data import HFTokenizer, load_tokenizer
 from longctx.models import build_model, gguf, hf, init_params
 from longctx.positions.base import scheme_params
 from longctx.train import checkpoint
@@ -38,8 +37,9 @@ def is_gguf(source: pathlib.Path) -> bool:
 def run_config(source: pathlib.Path, *, tokenizer: str | None = None, seq_len: int | None = None,
                dtype: str = "float32") -> ml_collections.ConfigDict:
     """The longctx config of the model in `source`, an HF directory or a GGUF file: data.tokenizer is the directory's
-    tokenizer.json (the GGUF file itself, which carries its tokenizer) unless `tokenizer` is given, data.seq_len the
-    model's max_position_embeddings (GGUF: context_length) unless `seq_len` is."""
+    tokenizer.json (the GGUF file itself, which carries its tokenizer; `hf_to_run` writes that into the run) unless
+    `tokenizer` is given, data.seq_len the model's max_position_embeddings (GGUF: context_length) unless `seq_len`
+    is."""
     if is_gguf(source):
         hf_config = gguf.hf_config(gguf.open_file(source))
         tokenizer = tokenizer or str(source.absolute())
@@ -69,14 +69,22 @@ def run_config(source: pathlib.Path, *, tokenizer: str | None = None, seq_len: i
 def hf_to_run(source: str | pathlib.Path, workdir: str | pathlib.Path, *, tokenizer: str | None = None,
               seq_len: int | None = None, dtype: str = "float32") -> ml_collections.ConfigDict:
     """Writes the model in `source` (an HF directory, or a GGUF file: `is_gguf`) as a longctx run in `workdir`
-    (which must not hold a run); returns its config. Everything is read and checked before the workdir is touched."""
+    (which must not hold a run); returns its config. Everything is read and checked before the workdir is touched.
+
+    A GGUF file's own tokenizer is written into the run as tokenizer.json and tokenizer_config.json (its BOS / EOS /
+    PAD), which load in milliseconds where reading the file's metadata takes seconds."""
     source, workdir = pathlib.Path(source), pathlib.Path(workdir)
     config = run_config(source, tokenizer=tokenizer, seq_len=seq_len, dtype=dtype)
-    vocab_size = load_tokenizer(config.data.tokenizer).vocab_size
-    build_model(config.model, vocab_size, config.data.seq_len)  # the tokenizer fits the embedding
+    run_tokenizer = load_tokenizer(config.data.tokenizer)
+    build_model(config.model, run_tokenizer.vocab_size, config.data.seq_len)  # the tokenizer fits the embedding
     _, params = (gguf if is_gguf(source) else hf).load(source, dtype=dtype)
     checkpoint.check_workdir(workdir, config, resume=False, overwrite=False)
+    files_tokenizer = is_gguf(source) and tokenizer is None
+    if files_tokenizer:
+        config.data.tokenizer = str((workdir / TOKENIZER_FILE).absolute())
     checkpoint.start_workdir(workdir, config, overwrite=False)
+    if files_tokenizer:
+        run_tokenizer.save(workdir)
     checkpoints = checkpoint.Checkpoints(workdir, create=True)
     checkpoints.save_params(0, params, config)
     checkpoints.close()
@@ -86,8 +94,9 @@ def hf_to_run(source: str | pathlib.Path, workdir: str | pathlib.Path, *, tokeni
 def run_to_hf(workdir: str | pathlib.Path, hf_dir: str | pathlib.Path, *, step: int | None = None,
               dtype: str = "float32", max_position_embeddings: int | None = None,
               overwrite: bool = False) -> pathlib.Path:
-    """Writes the run in `workdir` (its newest checkpoint, or `step`) as an HF directory; the run's HF tokenizer.json,
-    if it has one, goes with it. `max_position_embeddings` defaults to the scheme's length, else data.seq_len."""
+    """Writes the run in `workdir` (its newest checkpoint, or `step`) as an HF directory; the run's HF tokenizer, if it
+    has one, goes with it (tokenizer.json and tokenizer_config.json). `max_position_embeddings` defaults to the
+    scheme's length, else data.seq_len."""
     workdir, hf_dir = pathlib.Path(workdir), pathlib.Path(hf_dir)
     config = checkpoint.load_run_config(workdir)
     tokenizer = load_tokenizer(config.data.tokenizer)
@@ -107,8 +116,6 @@ def run_to_hf(workdir: str | pathlib.Path, hf_dir: str | pathlib.Path, *, step: 
     token_ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     path = hf.save(model, params, hf_dir, max_position_embeddings=max_position_embeddings, dtype=dtype,
                    extra_config=token_ids, overwrite=overwrite)
-    if config.data.tokenizer.endswith(".json"):
-        shutil.copy(config.data.tokenizer, path / TOKENIZER_FILE)
-    elif config.data.tokenizer.endswith(".gguf"):  # the GGUF file's tokenizer, as a tokenizer.json
-        tokenizer.save_json(path / TOKENIZER_FILE)
+    if isinstance(tokenizer, HFTokenizer):  # a tokenizer.json, or a GGUF file's tokenizer
+        tokenizer.save(path)
     return path

@@ -49,14 +49,19 @@ def gguf_tensors(name: str) -> dict[str, np.ndarray]:
     return out
 
 
-def write(name: str, path: pathlib.Path, quant: str = "F32", embedding_quant: str | None = None) -> pathlib.Path:
+def write(name: str, path: pathlib.Path, quant: str = "F32", embedding_quant: str | None = None,
+          tokenizer: bool = False) -> pathlib.Path:
     """Writes the HF fixture model `name` as a GGUF file at `path`: matrices in `quant` (the token embedding in
-    `embedding_quant`, default `quant`), 1-D tensors in F32."""
+    `embedding_quant`, default `quant`), 1-D tensors in F32. `tokenizer`: with a byte-level BPE tokenizer of the
+    model's vocabulary size (its first byte symbols, no merges, then SPECIAL_TOKENS), as real files carry one."""
     config, _ = hf_tensors(name)
     arch = config["model_type"]
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(f"tiny {arch} fixture")
-    writer.add_vocab_size(config["vocab_size"])  # real files carry the tokenizer's tokens instead
+    if tokenizer:
+        add_tokenizer(writer, byte_symbols()[:config["vocab_size"] - len(SPECIAL_TOKENS)], [], "smollm")
+    else:
+        writer.add_vocab_size(config["vocab_size"])  # real files carry the tokenizer's tokens instead
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -126,9 +131,19 @@ def learnt_merges() -> list[tuple[str, str]]:
 def write_tokenizer(path: pathlib.Path, pre: str = "smollm") -> pathlib.Path:
     """A GGUF file holding only a tokenizer (llama architecture, no tensors), with `tokenizer.ggml.pre` = `pre`."""
     merges = learnt_merges()
-    tokens = byte_symbols() + [a + b for a, b in merges]
-    tokens = list(dict.fromkeys(tokens)) + SPECIAL_TOKENS
     writer = gguf.GGUFWriter(str(path), "llama")
+    add_tokenizer(writer, list(dict.fromkeys(byte_symbols() + [a + b for a, b in merges])), merges, pre)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, symbols: list[str], merges: list[tuple[str, str]], pre: str) -> None:
+    """`tokenizer.ggml.*` fields: the tokens `symbols` + SPECIAL_TOKENS (control tokens: BOS <|im_start|>, EOS
+    <|im_end|>, PAD <|endoftext|>, as SmolLM2's), `merges`, and the pre-tokenizer type `pre`."""
+    tokens = symbols + SPECIAL_TOKENS
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -138,8 +153,3 @@ def write_tokenizer(path: pathlib.Path, pre: str = "smollm") -> pathlib.Path:
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
     writer.add_pad_token_id(tokens.index("<|endoftext|>"))
     writer.add_add_bos_token(False)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path

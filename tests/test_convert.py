@@ -15,6 +15,7 @@ from safetensors import safe_open
 import gguf_files
 
 from longctx import convert
+from longctx.data import load_tokenizer
 from longctx.eval import suite
 from longctx.config import positions_config
 from longctx.models import build_model, hf, init_params
@@ -137,3 +138,23 @@ def test_a_gguf_file_becomes_a_run_and_goes_back_as_the_hf_checkpoint(hf_dir, tm
     assert all(np.array_equal(original[key], written[key]) for key in original)
     refused = run_script("to_longctx", "--gguf", hf_dir / "tokenizer.json", "--workdir", tmp_path / "other")
     assert refused.returncode != 0 and "a GGUF model file ending in .gguf was expected" in refused.stderr
+
+
+def test_a_gguf_files_tokenizer_goes_into_the_run_and_on_to_the_hf_directory(tmp_path):
+    """A run from a GGUF file that carries a tokenizer holds it as tokenizer.json + tokenizer_config.json: the file's
+    ids and its own BOS / EOS / PAD, read without the GGUF file; the HF export names the same special tokens."""
+    gguf_file = gguf_files.write("llama", tmp_path / "tiny.gguf", "F32", tokenizer=True)
+    workdir, exported = tmp_path / "run", tmp_path / "exported"
+    config = convert.hf_to_run(gguf_file, workdir)
+    assert config.data.tokenizer == str((workdir / "tokenizer.json").absolute())
+    assert checkpoint.load_run_config(workdir).data.tokenizer == config.data.tokenizer
+    files, run = load_tokenizer(str(gguf_file)), load_tokenizer(config.data.tokenizer)
+    text = "#<0123:; '' + (* ) / 45 !$%&"  # bytes below 61: the tokens the file has
+    assert run.encode(text).tolist() == files.encode(text).tolist() and len(files.encode(text)) == len(text)
+    specials = dict(zip(("<|endoftext|>", "<|im_start|>", "<|im_end|>"), range(61, 64)))
+    assert (run.bos_id, run.eos_id, run.pad_id) == (files.bos_id, files.eos_id, files.pad_id) == (
+        specials["<|im_start|>"], specials["<|im_end|>"], specials["<|endoftext|>"])
+    convert.run_to_hf(workdir, exported)
+    assert json.loads((exported / "tokenizer_config.json").read_text()) == {
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    assert json.loads((exported / "config.json").read_text())["bos_token_id"] == specials["<|im_start|>"]

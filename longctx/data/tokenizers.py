@@ -5,7 +5,9 @@ each document itself, so every tokenizer frames documents the same way. `decode`
 """
 
 import abc
+import json
 import os
+import pathlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +21,7 @@ ALLOWED_SPECS = ('"byte", a path to a HF tokenizer.json, a path to a sentencepie
 HF_BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endoftext|>")
 HF_EOS_NAMES = ("</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>")
 HF_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
+HF_CONFIG_FILE = "tokenizer_config.json"  # Beside an HF tokenizer.json: its bos_token, eos_token, pad_token.
 
 
 class Tokenizer(abc.ABC):
@@ -77,8 +80,9 @@ class ByteTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A HF `tokenizer.json` through the `tokenizers` library.
 
-    BOS/EOS/PAD are the given token strings, else the first of the usual names (`HF_BOS_NAMES`, ...) that the
-    tokenizer marks special, else the first that is in its vocabulary at all. PAD falls back to EOS.
+    BOS/EOS/PAD are the given token strings, else those the `tokenizer_config.json` beside the file names (as HF's
+    AutoTokenizer reads them), else the first of the usual names (`HF_BOS_NAMES`, ...) that the tokenizer marks
+    special, else the first that is in its vocabulary at all. PAD falls back to EOS.
     """
 
     def __init__(self, path: str, *, bos: str | None = None, eos: str | None = None, pad: str | None = None,
@@ -86,6 +90,9 @@ class HFTokenizer(Tokenizer):
         """`tokenizer`: one already built (`path` then only names it), else the tokenizer.json at `path`."""
         self.name = str(path)
         self._tokenizer = tokenizer or tokenizers.Tokenizer.from_file(str(path))
+        if tokenizer is None:
+            named = _special_tokens_beside(pathlib.Path(path))
+            bos, eos, pad = bos or named.get("bos"), eos or named.get("eos"), pad or named.get("pad")
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._special_id("BOS", bos, HF_BOS_NAMES)
         self.eos_id = self._special_id("EOS", eos, HF_EOS_NAMES)
@@ -120,9 +127,29 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tokenizer.decode(self._without_specials(ids).tolist(), skip_special_tokens=True)
 
-    def save_json(self, path: str | os.PathLike) -> None:
-        """Writes the tokenizer as a HF tokenizer.json at `path`."""
-        self._tokenizer.save(str(path))
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes the tokenizer into `directory` as HF does: tokenizer.json, and tokenizer_config.json naming its
+        BOS / EOS / PAD, so that this class and transformers' AutoTokenizer read the same special tokens back."""
+        directory = pathlib.Path(directory)
+        self._tokenizer.save(str(directory / "tokenizer.json"))
+        roles = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
+        named = {role: self._tokenizer.id_to_token(token_id) for role, token_id in roles.items()}
+        (directory / HF_CONFIG_FILE).write_text(json.dumps(named, indent=2) + "\n")
+
+
+def _special_tokens_beside(path: pathlib.Path) -> dict[str, str]:
+    """The BOS / EOS / PAD token strings ("bos", "eos", "pad") the tokenizer_config.json beside `path` names."""
+    config_path = path.parent / HF_CONFIG_FILE
+    if not config_path.is_file():
+        return {}
+    config = json.loads(config_path.read_text())
+    named = {}
+    for role in ("bos", "eos", "pad"):
+        token = config.get(f"{role}_token")
+        token = token.get("content") if isinstance(token, dict) else token  # older files: an AddedToken's fields
+        if isinstance(token, str):
+            named[role] = token
+    return named
 
 
 class SentencePieceTokenizer(Tokenizer):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import gguf_files
+from longctx.data import load_tokenizer
 from longctx.models import gguf as gguf_model
 from longctx.models import hf
 
@@ -143,6 +144,15 @@ def test_the_files_tokenizer_gives_transformers_ids(tmp_path, pre):
     specials = gguf_files.SPECIAL_TOKENS
     first = tokenizer.vocab_size - len(specials)
     assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (first, first + 1, first + 2)
+    # Saved as HF does and read back from tokenizer.json: the same ids, and the file's BOS / EOS / PAD from
+    # tokenizer_config.json (by name alone, <|endoftext|> would be taken for BOS and EOS).
+    tokenizer.save(tmp_path)
+    saved = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert saved.encode(text).tolist() == ids
+    assert (saved.pad_id, saved.bos_id, saved.eos_id) == (first, first + 1, first + 2)
+    (tmp_path / "tokenizer_config.json").unlink()
+    by_name = load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert (by_name.bos_id, by_name.eos_id) == (first, first)
 
 
 def test_smollm_splits_digits_one_by_one(tmp_path):
