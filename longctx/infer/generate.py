@@ -60,13 +60,20 @@ def cache_length(columns: int, page_size: int | None = None) -> int:
     return math.ceil(columns / granule) * granule
 
 
+def cache_capacity(max_length: int, prefill_chunk: int | None, page_size: int | None = None) -> int:
+    """The columns of every cache of a Generator with `max_length`: a prompt of n tokens is prefilled at its width,
+    n rounded up to the chunk (`prefill_chunk`, else WIDTH_GRANULE), so n + new tokens <= max_length needs up to
+    max_length + chunk - 1 columns; every batch then has one cache shape, whatever its widths and new tokens."""
+    return cache_length(max_length + (prefill_chunk or WIDTH_GRANULE) - 1, page_size)
+
+
 def check_generation(model: Llama, abstract_params, *, batch_size: int, max_length: int,
                      prefill_chunk: int | None = None, cache: str = "auto", page_size: int | None = None) -> None:
-    """Traces (no compute) what `Generator` runs: one prefill chunk into a cache of `max_length` columns and one
-    decoding step after it, so that a request no attention implementation can honour raises ValueError (naming
+    """Traces (no compute) what `Generator` runs: one prefill chunk into a cache for `max_length` and one decoding
+    step after it, so that a request no attention implementation can honour raises ValueError (naming
     `model.attention.impl`) before any work. `abstract_params`: `longctx.models.param_structure(model)[0]`."""
     encoded = cache_encodes_keys(model, cache)
-    columns = cache_length(max_length, page_size)
+    columns = cache_capacity(max_length, prefill_chunk, page_size)
     chunk = min(prefill_chunk or max_length, columns - 1)
 
     def prefill_and_step(params):
@@ -145,8 +152,9 @@ compiled_decode = jax.jit(_decode, static_argnums=(0, 6, 7, 8))
 
 class Generator:
     """Generation for one model and its params, compiled once per (batch size, prompt width, new tokens); with
-    `prefill_chunk` and `max_length`, once per (batch size, new tokens): every cache then holds `max_length`
-    columns, so prompts of every width share one compiled prefill (of a chunk) and one decoding loop. (A prefill
+    `prefill_chunk` and `max_length`, once per (batch size, new tokens): every cache then has room for `max_length`
+    columns (`cache_capacity`), so prompts of every width share one compiled prefill (of a chunk) and one decoding
+    loop. (A prefill
     over a longer cache costs no more: it visits only the written columns' blocks, and decoding reads each row's
     written columns.)
 
@@ -218,7 +226,9 @@ class Generator:
         chunk = self.prefill_chunk or math.ceil(longest / WIDTH_GRANULE) * WIDTH_GRANULE
         width = math.ceil(longest / chunk) * chunk
         batch = left_padded(prompts, width, self.pad_id)
-        cache = self.empty_cache(batch["starts"], max(width + room, self.max_length or 0))
+        columns = width + room if self.max_length is None else cache_capacity(self.max_length, self.prefill_chunk,
+                                                                              self.page_size)
+        cache = self.empty_cache(batch["starts"], columns)
         observe = 0 if self.compression is None else min(self.compression.observes, width)
         for start in range(0, width, chunk):
             columns = slice(start, start + chunk)

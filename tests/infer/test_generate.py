@@ -140,6 +140,23 @@ def test_greedy_generation_equals_rerunning_the_whole_sequence(name, scan_layers
         np.testing.assert_array_equal(continuation, naive_greedy(model, params, prompt, 6))
 
 
+def test_every_width_up_to_max_length_shares_one_compiled_prefill_and_decoding_loop():
+    """Prompts of 60 and 121 tokens in chunks of 8 (widths 64 and 128) with 6 new tokens under max_length=127: the
+    wider prompt's width plus its new tokens passes max_length, and still its cache has the other's shape."""
+    model = scheme_model("rope")
+    params = jax.device_put(random_params(model, seed=5), jax.devices()[0])
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(1, CONFIG.vocab_size, n).astype(np.int32) for n in (60, 121)]
+    bounded = Generator(model, params, pad_id=0, prefill_chunk=8, max_length=127)
+    compiled = (bounded._prefill._cache_size(), bounded._decode._cache_size())
+    got = bounded.generate_batched(prompts, max_new_tokens=6, batch_size=1)
+    assert bounded._prefill._cache_size() - compiled[0] <= 1 and bounded._decode._cache_size() - compiled[1] <= 1
+    unbounded = Generator(model, params, pad_id=0, prefill_chunk=8).generate_batched(prompts, max_new_tokens=6,
+                                                                                     batch_size=1)
+    for continuation, expected in zip(got, unbounded):
+        np.testing.assert_array_equal(continuation, expected)
+
+
 def test_generation_with_scanned_layers_equals_unrolled():
     """`unroll_layers=False` stacks an unrolled model's layers (`scanned`, the inverse of `unscanned`) and generates
     what the unrolled layers generate, from the same prompts."""
