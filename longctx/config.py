@@ -81,7 +81,9 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # configs/prolong_mix.py. Empty otherwise.
     c.data.mixture = ml_collections.ConfigDict()
     c.data.text_field = "text"  # Field holding the text in .jsonl / .parquet files and tfds examples.
-    c.data.valid_fraction = 0.05  # Share of documents held out for evaluation, chosen by a stable hash of the path.
+    # Share of documents held out for evaluation, chosen by a stable hash of the path: 0 holds none out (a corpus to
+    # train on only), 1 all of them (a corpus to evaluate on only); a split left empty raises when it is read.
+    c.data.valid_fraction = 0.05
     c.data.on_error = "fatal"  # A corrupt or undecodable document: fatal (stop, naming file and line) | skip (warn).
     c.data.tfds_data_dir = ""  # Where tfds sets are prepared ("": tfds's default); nothing is ever downloaded.
     c.data.tfds_train_split = "train"  # The tfds split (any tfds split string) that training reads...
@@ -212,8 +214,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"got {config.parallel.context!r}")
     if config.parallel.layout not in layout.LAYOUTS:
         raise ValueError(f"parallel.layout must be one of {', '.join(layout.LAYOUTS)}, got {config.parallel.layout!r}")
-    if not 0 < config.data.valid_fraction < 1:
-        raise ValueError(f"data.valid_fraction must be in (0, 1), got {config.data.valid_fraction}")
+    if not 0 <= config.data.valid_fraction <= 1:
+        raise ValueError(f"data.valid_fraction must be in [0, 1], got {config.data.valid_fraction}")
     if not 0 <= config.data.passkey_fraction < 1:
         raise ValueError(f"data.passkey_fraction must be in [0, 1), got {config.data.passkey_fraction}")
     validate_data(config.data)

@@ -94,7 +94,7 @@ def _invalid(**changes):
     ({"model.attention.impl": "magic"}, r"model.attention.impl must be one of"),
     ({"train.grad_accum_steps": 5}, r"train.batch_size \(32\) must be a multiple of train.grad_accum_steps \(5\)"),
     ({"train.warmup_steps": -1}, r"train.warmup_steps must be an int >= 0"),
-    ({"data.valid_fraction": 1.5}, r"data.valid_fraction must be in \(0, 1\)"),
+    ({"data.valid_fraction": 1.5}, r"data.valid_fraction must be in \[0, 1\]"),
     ({"train.steps": 0}, r"train.steps must be a positive int"),
 ])
 def test_validation_names_the_field(changes, message):

@@ -340,8 +340,8 @@ class TextFileSource(DocumentSource):
 def _check_arguments(split: str, valid_fraction: float, on_error: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if not 0 < valid_fraction < 1:
-        raise ValueError(f"data.valid_fraction must be in (0, 1), got {valid_fraction!r}")
+    if not 0 <= valid_fraction <= 1:
+        raise ValueError(f"data.valid_fraction must be in [0, 1], got {valid_fraction!r}")
     if on_error not in ON_ERROR:
         raise ValueError(f"data.on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
 

@@ -50,6 +50,9 @@ def test_split_is_disjoint_complete_and_near_the_fraction(tmp_path):
     assert sorted(train + valid) == sorted(texts)
     assert 0.17 < len(valid) / len(texts) < 0.23
     assert train == [t for t in texts if t in set(train)]  # Corpus order is kept.
+    # The ends: 0 holds nothing out (a corpus to train on), 1 everything (a corpus to evaluate on).
+    assert load_documents(str(tmp_path / "corpus.jsonl"), "train", valid_fraction=0) == texts
+    assert load_documents(str(tmp_path / "corpus.jsonl"), "valid", valid_fraction=1) == texts
 
 
 def test_split_does_not_depend_on_where_the_corpus_lives(tmp_path):
@@ -107,9 +110,11 @@ def test_jsonl_line_without_the_text_field(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="split must be one of train, valid"):
         load_documents("stdlib", "test")
-    for fraction in (0, 1, 1.5):
-        with pytest.raises(ValueError, match=r"data.valid_fraction must be in \(0, 1\)"):
+    for fraction in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"data.valid_fraction must be in \[0, 1\]"):
             load_documents("stdlib", "train", valid_fraction=fraction)
+    with pytest.raises(ValueError, match=r"split 'train' of 'stdlib' is empty .* data.valid_fraction=1"):
+        load_documents("stdlib", "train", valid_fraction=1)
     with pytest.raises(ValueError, match="max_documents"):
         load_documents("stdlib", "train", max_documents=0)
 
