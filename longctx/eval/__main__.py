@@ -35,8 +35,10 @@ _DEPTHS = flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Needle
                             "passkey and niah.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", suite.Options.num_samples, "Prompts per (task, length, depth); "
                                     "for longbench, records per file.")
+_DOCUMENTS = flags.DEFINE_string("documents", None, "Files or globs (.txt, .jsonl, .parquet) whose every document "
+                                 "ppl reads and niah hides needles in, instead of the run's held-out split.")
 _HAYSTACK = flags.DEFINE_string("haystack", None, "A text file to hide needles in (niah, RULER essay tasks); "
-                                "default: the run's held-out documents.")
+                                "default: the held-out documents.")
 _RULER_TASKS = flags.DEFINE_list("ruler_tasks", list(ruler.TASKS), "RULER tasks to run.")
 _LONGBENCH = flags.DEFINE_list("longbench", [], "LongBench- or L-Eval-style .jsonl files (task longbench).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Prompts generated at once (default: eval.batch_size).")
@@ -88,7 +90,8 @@ def main(argv):
         sys.exit(f"error: --lengths must be integers and --depths numbers, got {','.join(_LENGTHS.value)} and "
                  f"{','.join(_DEPTHS.value)}")
     options = suite.Options(tasks=tuple(_TASKS.value), depths=depths, num_samples=_NUM_SAMPLES.value,
-                            stride=_STRIDE.value, haystack=_HAYSTACK.value, ruler_tasks=tuple(_RULER_TASKS.value),
+                            stride=_STRIDE.value, documents=_DOCUMENTS.value, haystack=_HAYSTACK.value,
+                            ruler_tasks=tuple(_RULER_TASKS.value),
                             longbench=tuple(_LONGBENCH.value), batch_size=_BATCH_SIZE.value,
                             prefill_chunk=_PREFILL_CHUNK.value, seed=_SEED.value, cache=_CACHE.value,
                             page_size=_PAGE_SIZE.value, unroll_layers=_UNROLL_LAYERS.value)

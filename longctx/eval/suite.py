@@ -49,16 +49,19 @@ MAX_NEW_TOKENS_BOUND = 128  # room the generation checks give the answers (the t
 class Options:
     """How to run the tasks. depths: needle depths of passkey and niah (0 = start, 1 = end); num_samples: prompts
     per (task, length, depth) cell; stride: also sliding-window perplexity with this stride (None: not);
-    haystack: a text file for niah and RULER's essay tasks (None: the run's held-out documents); ruler_tasks:
-    which RULER tasks; longbench: jsonl files; batch_size: generation batch (None: the run's eval.batch_size);
-    prefill_chunk: prompt columns per prefill call; seed: of every sampled prompt; cache, page_size, compression:
-    the KV cache generation runs with; unroll_layers: generation with the layers unrolled (faster decoding steps,
-    about three times the compilation; `longctx.infer.generate.Generator`)."""
+    documents: a `data.source` spec (files or globs) whose every document perplexity reads, and niah and RULER's
+    essay tasks hide needles in, instead of the run's held-out split (None: that split); haystack: a text file for
+    niah and RULER's essay tasks instead (None: those documents); ruler_tasks: which RULER tasks; longbench: jsonl
+    files; batch_size: generation batch (None: the run's eval.batch_size); prefill_chunk: prompt columns per
+    prefill call; seed: of every sampled prompt; cache, page_size, compression: the KV cache generation runs with;
+    unroll_layers: generation with the layers unrolled (faster decoding steps, about three times the compilation;
+    `longctx.infer.generate.Generator`)."""
 
     tasks: tuple[str, ...] = ("ppl",)
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     num_samples: int = 4
     stride: int | None = None
+    documents: str | None = None
     haystack: str | None = None
     ruler_tasks: tuple[str, ...] = ruler.TASKS
     longbench: tuple[str, ...] = ()
@@ -226,6 +229,10 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
 
     @functools.cache
     def documents(split: str) -> list[np.ndarray]:  # the held-out split serves both ppl and the haystack: read once
+        if split == "valid" and options.documents is not None:  # every document of the given files is held out
+            data = ml_collections.ConfigDict(config.data.to_dict())
+            data.update(source=options.documents, mixture={}, valid_fraction=1.0)
+            return pipeline.eval_documents(data, split, tokenizer)
         return pipeline.eval_documents(config.data, split, tokenizer)
 
     windows = unigram = None

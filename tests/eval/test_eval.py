@@ -110,6 +110,20 @@ def test_fewer_documents_than_asked_is_said(trained_run, caplog):
     assert f"only {found} held-out documents have 16 tokens or more" in caplog.text
 
 
+def test_documents_of_given_files_replace_the_held_out_split(trained_run, tmp_path):
+    """`documents`: every document of the files is evaluated (none held back as a training split), in file order;
+    niah's haystack is made of them too."""
+    texts = ["Alpha beta gamma delta. " * 16, "Short.", "Epsilon zeta eta theta. " * 16]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    options = suite.Options(tasks=("ppl", "niah"), documents=str(tmp_path / "long.jsonl"), depths=(0.5,),
+                            num_samples=1)
+    evaluation = suite.prepare(trained_run, [256], options=options, num_documents=2)
+    tokenizer = evaluation.tokenizer
+    expected = [tokenizer.frame(tokenizer.encode(text))[:256] for text in texts if len(text) >= 256]
+    np.testing.assert_array_equal(evaluation.windows[256], np.stack(expected))
+    assert "Alpha beta" in tokenizer.decode(evaluation.samples["niah"][0].prompt)
+
+
 def test_sliding_window_loss_reads_each_token_through_its_window(trained_run):
     """Every token's loss equals the model's loss on it in the window that first predicts it, computed one window at
     a time; at window = document length it is the plain per-position loss."""
