@@ -1,0 +1,114 @@
+"""experiments/real_model: the long-document corpus and the study's training-free stage, on a tiny trained run."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from longctx.train import train
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "experiments" / "real_model"))
+import corpus  # noqa: E402
+import study  # noqa: E402
+
+LABELS = ("RoPE (as trained)", "YaRN ×2", "Self-Extend ×2")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, make_config):
+    workdir = tmp_path_factory.mktemp("run")
+    train(make_config(**{"train.steps": 2, "data.seq_len": 256, "train.batch_size": 2}), workdir)
+    return workdir
+
+
+def test_the_corpus_holds_long_packages_apart_and_the_reference_as_prose():
+    splits = corpus.build(valid_chars=240_000, train_document_chars=160_000, train_chars=2_000_000)
+    valid = [document["name"] for document in splits["valid"]]
+    assert valid[0] == corpus.PROSE and "asyncio" in valid and "encodings" not in valid
+    assert splits["valid"][0]["text"].startswith('The "assert" statement')  # the text help() shows, not the code
+    assert all(document["name"].startswith("test/") for document in splits["train"])
+    assert all(len(document["text"]) >= 160_000 for document in splits["train"])
+    assert sum(len(document["text"]) for document in splits["train"]) <= 2_000_000
+    train_files = {line for d in splits["train"] for line in d["text"].splitlines() if line.startswith("# file: ")}
+    valid_files = {line for d in splits["valid"] for line in d["text"].splitlines() if line.startswith("# file: ")}
+    assert train_files and valid_files and not train_files & valid_files
+
+
+def test_every_row_is_evaluated_once_and_its_printed_command_gives_its_numbers(run, tmp_path, monkeypatch):
+    """Three variants at 256 and 512 tokens (1× and 2× the run's length): the tables hold them, a second call only
+    re-renders, and the command printed beside YaRN ×2 reproduces its perplexity through the command line."""
+    documents = tmp_path / "corpus"
+    documents.mkdir()
+    text = "The grass is green. The sky is blue. " * 40
+    (documents / "valid.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    (documents / "haystack.txt").write_text(text)
+    monkeypatch.setitem(study.SETTINGS, "test", study.Setting(
+        lengths=(256, 512), factors=(2,), num_documents=1, depths=(0.0, 1.0), num_samples=1,
+        ruler_tasks=("niah_single_1",), batch_size=2, prefill_chunk=128))
+    workdir = tmp_path / "study"
+    args = ["training_free", "--run", str(run), "--corpus", str(documents), "--workdir", str(workdir),
+            "--setting", "test", "--tasks", "ppl,passkey", "--only", ",".join(LABELS)]
+    study.main(args)
+    results = (workdir / "results.md").read_text()
+    for label in LABELS:
+        row = next(line for line in results.splitlines() if line.startswith(f"| {label} |"))
+        assert "—" not in row and len(row.split("|")) == 5  # both lengths measured
+    assert (workdir / "ppl_vs_length.png").exists() and (workdir / "retrieval_vs_length.png").exists()
+    assert list((workdir / "evals" / study.file_slug("YaRN ×2")).glob("passkey_*.png"))  # the eval's heatmap
+
+    def fail(*_, **__):
+        raise AssertionError("a variant already evaluated was evaluated again")
+
+    monkeypatch.setattr(study.suite, "evaluate", fail)
+    study.main(args)
+    assert (workdir / "results.md").read_text() == results
+
+    record = json.loads((workdir / "evals" / f"{study.file_slug('YaRN ×2')}.json").read_text())
+    command = record["command"].replace("OUT", str(tmp_path / "rerun")).split()
+    assert command[:3] == ["python", "-m", "longctx.eval"]
+    rerun = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, cwd=REPO)
+    assert rerun.returncode == 0, rerun.stderr
+    again = json.loads((tmp_path / "rerun" / "report.json").read_text())
+    assert again["ppl"]["yarn"]["512"]["ppl"] == pytest.approx(record["report"]["ppl"]["YaRN ×2"]["512"]["ppl"],
+                                                               rel=1e-5)
+    assert again["passkey"]["yarn"]["passkey"] == record["report"]["passkey"]["YaRN ×2"]["passkey"]
+
+
+def test_a_fine_tune_trains_from_the_runs_params_resumes_and_joins_the_report(run, tmp_path, monkeypatch):
+    """YaRN ×4 fine-tuned for 2 steps at 4 × L on the corpus's training documents (a share of them pass-key
+    prompts), from the run's params; its row sits in the same tables as the training-free rows."""
+    documents = tmp_path / "corpus"
+    documents.mkdir()
+    text = "The grass is green. The sky is blue. " * 40
+    (documents / "train.jsonl").write_text("".join(json.dumps({"text": text + str(i)}) + "\n" for i in range(8)))
+    (documents / "valid.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    (documents / "haystack.txt").write_text(text)
+    monkeypatch.setitem(study.SETTINGS, "test", study.Setting(
+        lengths=(256, 512), factors=(2,), num_documents=1, depths=(0.5,), num_samples=1,
+        ruler_tasks=("niah_single_1",), batch_size=1, prefill_chunk=128))
+    monkeypatch.setitem(study.FINE_TUNE_SETTINGS, "test", study.FineTuneSetting(
+        seq_len=1024, steps=2, batch_size=1, learning_rate=1e-4, warmup_steps=1, passkey_fraction=0.2,
+        checkpoint_every=2, model={}))
+    workdir = tmp_path / "study"
+    args = ["fine_tune", "--run", str(run), "--corpus", str(documents), "--workdir", str(workdir), "--setting",
+            "test", "--tasks", "ppl,passkey", "--methods", "yarn4"]
+    study.main(args)
+    tuned = study.checkpoint.load_run_config(workdir / "runs" / "yarn4")
+    assert tuned.model.positions.name == "yarn" and tuned.model.positions.factor == 4.0
+    assert tuned.train.init_from == str(run) and tuned.data.seq_len == 1024
+    assert study.finished(workdir / "runs" / "yarn4", 2)
+    results = (workdir / "results.md").read_text()
+    assert "| YaRN ×4 + fine-tune | " in results
+    monkeypatch.setattr(study, "train", lambda *_, **__: pytest.fail("a finished fine-tune was trained again"))
+    study.main(args)
+    with pytest.raises(SystemExit, match="--methods names no fine-tune"):
+        study.main([*args[:-1], "yarn3"])
+
+
+def test_self_extends_group_reaches_the_factor():
+    for factor in (2, 4, 8):
+        group = study.self_extend_group(factor, 8192, 2048)
+        assert (8192 - 2048) * group + 2048 >= factor * 8192 > (8192 - 2048) * (group - 1) + 2048
