@@ -11,6 +11,7 @@ pass key, needle in a haystack and a RULER subset.
         --workdir runs/study --setting h100 [--only "YaRN ×4,Self-Extend ×4"]
     python experiments/real_model/study.py fine_tune --run runs/smollm2 --corpus data/long_stdlib \
         --workdir runs/study --setting h100 --methods yarn4     # or pi4,yarn8,abf,clex, or all
+    python experiments/real_model/study.py compression --corpus data/long_stdlib --workdir runs/study --setting h100
     python experiments/real_model/study.py report --workdir runs/study
 
 Every variant is the run's params under another `model.positions` (`Variant`), evaluated by `longctx.eval.suite` at
@@ -18,7 +19,9 @@ the setting's lengths up to the longest its scheme is defined for; `evals/<varia
 `python -m longctx.eval` command that gives the same numbers, and `evals/<variant>/` its heatmaps. A fine-tune
 (`FineTuneSetting`, the YaRN paper's recipe scaled down: a few hundred steps at 4x the native length on the corpus's
 long training documents, a share of them pass-key prompts with their answers) trains in `runs/<method>/` from the
-run's params, resuming from its newest checkpoint when stopped, and is then evaluated as a variant. `report` writes
+run's params, resuming from its newest checkpoint when stopped, and is then evaluated as a variant. `compression`
+asks the pass key again under each KV-cache policy and budget (`COMPRESSIONS`) of every evaluated variant, at the
+lengths where its full cache reaches `--min_accuracy`, into `compression/`. `report` writes
 results.md (one table per task, each row with its command), results.json and the plots ppl_vs_length.png and
 retrieval_vs_length.png into the workdir.
 """
@@ -41,10 +44,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from longctx import cli, positions  # noqa: E402
 from longctx.eval import suite  # noqa: E402
 from longctx.eval.report import file_slug, write_report  # noqa: E402
+from longctx.infer.compress import Compression  # noqa: E402
 from longctx.train import checkpoint, train  # noqa: E402
 
 log = logging.getLogger("real_model")
 GENERATION_TASKS = ("passkey", "niah", "ruler")
+# KV compression after the prefill (longctx.infer.compress): StreamingLLM's sinks + recent window and SnapKV, each
+# head keeping a fraction of the prompt.
+COMPRESSIONS = tuple((policy, fraction) for policy in ("sinks_window", "snapkv") for fraction in (1 / 4, 1 / 8, 1 / 16))
+POLICY_NAMES = {"sinks_window": "sinks + window", "snapkv": "SnapKV"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +203,7 @@ def options_of(setting: Setting, corpus: pathlib.Path, tasks: tuple[str, ...]) -
 
 def command_of(run: pathlib.Path, variant: Variant, lengths: list[int], options: suite.Options,
                num_documents: int) -> str:
-    """The `python -m longctx.eval` command that evaluates `variant` as the study does."""
+    """The `python -m longctx.eval` command that evaluates `variant` as the study does (under its compression)."""
     args = ["python", "-m", "longctx.eval", "--workdir", str(run), "--lengths", ",".join(map(str, lengths)),
             "--tasks", ",".join(options.tasks), "--positions", variant.scheme,
             *[f"--config.model.positions.{key}={value}" for key, value in variant.params],
@@ -203,6 +211,8 @@ def command_of(run: pathlib.Path, variant: Variant, lengths: list[int], options:
             "--depths", ",".join(f"{d:g}" for d in options.depths), "--num_samples", str(options.num_samples),
             "--ruler_tasks", ",".join(options.ruler_tasks), "--batch_size", str(options.batch_size),
             "--prefill_chunk", str(options.prefill_chunk), "--output_dir", "OUT"]
+    if options.compression is not None:
+        args += ["--kv_policy", options.compression.policy, "--kv_fraction", f"{options.compression.fraction:g}"]
     return shlex.join(args)
 
 
@@ -221,7 +231,8 @@ def evaluate(run: pathlib.Path, workdir: pathlib.Path, variant: Variant, setting
     start = time.perf_counter()
     report = suite.evaluate(run, lengths, [scheme], options=options, num_documents=setting.num_documents)
     record = {"label": variant.label, "scheme": variant.scheme, "params": dict(variant.params),
-              "family": variant.family, "lengths": lengths, "seconds": round(time.perf_counter() - start, 1),
+              "family": variant.family, "run": str(run), "lengths": lengths,
+              "seconds": round(time.perf_counter() - start, 1),
               "command": command_of(run, variant, lengths, options, setting.num_documents), "report": report}
     write_report(report, workdir / "evals" / variant.slug)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +302,34 @@ def plot(records: list[dict], lengths: list[int], L: int, path: pathlib.Path, ta
     plt.close(fig)
 
 
+def compression_table(workdir: pathlib.Path, records: list[dict]) -> str | None:
+    """Pass key (%) with the full cache and under each policy and budget, for every variant measured so; and each
+    budget's share of the full cache's accuracy (mean over the lengths measured)."""
+    by_label: dict[str, list[dict]] = {}
+    for path in sorted((workdir / "compression").glob("*.json")):
+        row = json.loads(path.read_text())
+        by_label.setdefault(row["label"], []).append(row)
+    if not by_label:
+        return None
+    lengths = sorted({n for rows in by_label.values() for row in rows for n in row["lengths"]})
+    lines = ["| variant | cache | " + " | ".join(map(length_label, lengths)) + " | of full |",
+             "|---|---|" + "---:|" * (len(lengths) + 1)]
+    for record in records:
+        if record["label"] not in by_label:
+            continue
+        full = scores(record, "passkey")
+        lines.append(f"| {record['label']} | full | " + " | ".join(
+            f"{100 * full[n]:.0f}" if n in full else "—" for n in lengths) + " | 1.00 |")
+        rows = sorted(by_label[record["label"]], key=lambda r: (r["policy"], -r["fraction"]))
+        for row in rows:
+            values = {int(n): v for n, v in row["report"]["passkey"][record["label"]]["passkey"].items()}
+            share = sum(values[n] for n in row["lengths"]) / max(1e-9, sum(full[n] for n in row["lengths"]))
+            lines.append(f"| {record['label']} | {POLICY_NAMES[row['policy']]} 1/{round(1 / row['fraction'])} | "
+                         + " | ".join(f"{100 * values[n]:.0f}" if n in values else "—" for n in lengths)
+                         + f" | {share:.2f} |")
+    return "\n".join(lines)
+
+
 def report(workdir: pathlib.Path) -> str:
     """results.md, results.json and the plots from every record in evals/; returns the markdown."""
     records = [json.loads(path.read_text()) for path in sorted((workdir / "evals").glob("*.json"))]
@@ -306,6 +345,9 @@ def report(workdir: pathlib.Path) -> str:
              "niah": "Needle in a haystack (%)", "ruler": "RULER subset (% string match, mean over its tasks)"}
     for task in tasks:
         sections.append(f"## {names[task]}\n\n{table(records, task, lengths)}\n")
+    compressed = compression_table(workdir, records)
+    if compressed:
+        sections.append(f"## KV compression: pass key (%) where the full cache reaches it\n\n{compressed}\n")
     sections.append("## Commands\n\n" + "\n".join(f"- {r['label']} ({r['seconds']:.0f} s): `{r['command']}`"
                                                   for r in records) + "\n")
     text = "\n".join(sections)
@@ -366,6 +408,41 @@ def fine_tune(args) -> None:
     print(report(workdir))
 
 
+def compression(args) -> None:
+    setting, workdir = SETTINGS[args.setting], args.workdir
+    check_corpus(args.corpus, ("valid.jsonl", "haystack.txt"))
+    records = [json.loads(path.read_text()) for path in sorted((workdir / "evals").glob("*.json"))]
+    if not records:
+        sys.exit(f"error: {workdir / 'evals'} holds no evaluated variant; run training_free or fine_tune first")
+    for record in records:
+        lengths = [n for n, value in scores(record, "passkey").items() if value >= args.min_accuracy]
+        variant = Variant(record["label"], record["scheme"], tuple(record["params"].items()), record["family"])
+        run = pathlib.Path(record["run"])
+        run_config = checkpoint.load_run_config(run)
+        scheme_config = suite.scheme_config(run_config.model.positions, variant.scheme, dict(variant.params))
+        scheme = positions.get(variant.scheme, head_dim=run_config.model.head_dim,
+                               **{key: value for key, value in scheme_config.items() if key != "name"})
+        if not lengths or not scheme.encodes_keys_once():
+            log.info("%s: %s", variant.label, "no length reaches the accuracy" if not lengths else
+                     "its keys are re-encoded every step, which compression (encoded keys) cannot keep")
+            continue
+        for policy, fraction in COMPRESSIONS:
+            path = workdir / "compression" / f"{variant.slug}__{policy}_{round(1 / fraction)}.json"
+            if path.exists():
+                continue
+            options = dataclasses.replace(options_of(setting, args.corpus, ("passkey",)),
+                                          compression=Compression(policy, fraction=fraction))
+            start = time.perf_counter()
+            result = suite.evaluate(run, lengths, [suite.Scheme(variant.label, scheme_config)], options=options)
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps({
+                "label": variant.label, "policy": policy, "fraction": fraction, "lengths": lengths,
+                "seconds": round(time.perf_counter() - start, 1), "report": result,
+                "command": command_of(run, variant, lengths, options, setting.num_documents)}, indent=2) + "\n")
+            log.info("%s under %s 1/%d: evaluated at %s", variant.label, policy, round(1 / fraction), lengths)
+    print(report(workdir))
+
+
 def training_free(args) -> None:
     setting, workdir, run = SETTINGS[args.setting], args.workdir, args.run
     run_config = checkpoint.load_run_config(run)
@@ -399,6 +476,13 @@ def main(argv=None) -> None:
         stage.add_argument("--setting", default="h100", choices=sorted(SETTINGS))
         stage.add_argument("--tasks", default="ppl,passkey,niah,ruler")
     free.add_argument("--only", help="comma-separated labels of the variants to evaluate now (default: all)")
+    compressed = stages.add_parser("compression", help="the pass key under KV compression where the full cache "
+                                                       "retrieves")
+    compressed.add_argument("--corpus", required=True, type=pathlib.Path, help="what corpus.py wrote")
+    compressed.add_argument("--workdir", required=True, type=pathlib.Path)
+    compressed.add_argument("--setting", default="h100", choices=sorted(SETTINGS))
+    compressed.add_argument("--min_accuracy", type=float, default=0.8, help="the full cache's pass-key accuracy "
+                                                                            "at which a length is compressed")
     tuned.add_argument("--methods", default="all", help=f"comma-separated fine-tunes: {', '.join(fine_tunes(1))}")
     rendered = stages.add_parser("report", help="results.md, results.json and plots from what is evaluated")
     rendered.add_argument("--workdir", required=True, type=pathlib.Path)
@@ -408,6 +492,8 @@ def main(argv=None) -> None:
         training_free(args)
     elif args.stage == "fine_tune":
         fine_tune(args)
+    elif args.stage == "compression":
+        compression(args)
     else:
         print(report(args.workdir))
 

@@ -52,7 +52,15 @@ def test_every_row_is_evaluated_once_and_its_printed_command_gives_its_numbers(r
     args = ["training_free", "--run", str(run), "--corpus", str(documents), "--workdir", str(workdir),
             "--setting", "test", "--tasks", "ppl,passkey", "--only", ",".join(LABELS)]
     study.main(args)
+    # KV compression of the rows that retrieve (the untrained model retrieves nothing: every length is taken), but
+    # not of Self-Extend, whose keys are re-encoded at every step
+    monkeypatch.setattr(study, "COMPRESSIONS", (("snapkv", 0.25),))
+    study.main(["compression", "--corpus", str(documents), "--workdir", str(workdir), "--setting", "test",
+                "--min_accuracy", "0"])
     results = (workdir / "results.md").read_text()
+    compressed = results.split("## KV compression")[1].split("##")[0]
+    assert "| YaRN ×2 | SnapKV 1/4 |" in compressed and "| RoPE (as trained) | full |" in compressed
+    assert "Self-Extend" not in compressed
     for label in LABELS:
         row = next(line for line in results.splitlines() if line.startswith(f"| {label} |"))
         assert "—" not in row and len(row.split("|")) == 5  # both lengths measured
