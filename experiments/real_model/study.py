@@ -6,7 +6,10 @@ pass key, needle in a haystack and a RULER subset.
     python scripts/convert_hf.py to_longctx --gguf SmolLM2-135M-Instruct.Q4_1.gguf --workdir runs/smollm2 \\
         --dtype bfloat16
     python experiments/real_model/corpus.py --out data/long_stdlib
-    # each variant is evaluated once and kept: a stopped study resumes, a finished one only re-renders its tables
+    # LongRoPE's factors of the model's own (evolution search on the corpus's training documents), then every
+    # variant, each evaluated once and kept: a stopped study resumes, a finished one only re-renders its tables
+    python experiments/real_model/study.py longrope_search --run runs/smollm2 --corpus data/long_stdlib \
+        --workdir runs/study --setting h100
     python experiments/real_model/study.py training_free --run runs/smollm2 --corpus data/long_stdlib \\
         --workdir runs/study --setting h100 [--only "YaRN ×4,Self-Extend ×4"]
     python experiments/real_model/study.py fine_tune --run runs/smollm2 --corpus data/long_stdlib \
@@ -19,7 +22,10 @@ the setting's lengths up to the longest its scheme is defined for; `evals/<varia
 `python -m longctx.eval` command that gives the same numbers, and `evals/<variant>/` its heatmaps. A fine-tune
 (`FineTuneSetting`, the YaRN paper's recipe scaled down: a few hundred steps at 4x the native length on the corpus's
 long training documents, a share of them pass-key prompts with their answers) trains in `runs/<method>/` from the
-run's params, resuming from its newest checkpoint when stopped, and is then evaluated as a variant. `compression`
+run's params, resuming from its newest checkpoint when stopped, and is then evaluated as a variant. `longrope_search`
+finds LongRoPE rescale factors for each factor by the paper's evolution search (`longctx.positions.longrope_search`)
+on windows of the corpus's training documents, into `longrope/x<factor>.json`; the training-free stage then adds a
+"LongRoPE ×s (searched)" row beside the one that starts from YaRN's factors. `compression`
 asks the pass key again under each KV-cache policy and budget (`COMPRESSIONS`) of every evaluated variant, at the
 lengths where its full cache reaches `--min_accuracy`, into `compression/`. `report` writes
 results.md (one table per task, each row with its command), results.json and the plots ppl_vs_length.png and
@@ -36,15 +42,20 @@ import shlex
 import sys
 import time
 
+import jax
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from longctx import cli, positions  # noqa: E402
+from longctx.data import pipeline  # noqa: E402
+from longctx.generate import load_run  # noqa: E402
 from longctx.eval import suite  # noqa: E402
 from longctx.eval.report import file_slug, write_report  # noqa: E402
 from longctx.infer.compress import Compression  # noqa: E402
+from longctx.positions import longrope_search  # noqa: E402
 from longctx.train import checkpoint, train  # noqa: E402
 
 log = logging.getLogger("real_model")
@@ -67,6 +78,9 @@ class Setting:
     ruler_tasks: tuple[str, ...]
     batch_size: int
     prefill_chunk: int
+    search_windows: int = 2  # LongRoPE search: training-document windows the perplexity is measured on ...
+    search: longrope_search.SearchConfig = longrope_search.SearchConfig(population=24, generations=10,
+                                                                        num_parents=6)  # ... and the evolution
 
 
 SETTINGS = {
@@ -77,7 +91,8 @@ SETTINGS = {
                     prefill_chunk=4096),
     # A CPU: the pipeline end to end at short lengths, a check of the machinery and not a measurement.
     "cpu": Setting(lengths=(512, 1024), factors=(2,), num_documents=1, depths=(0.0, 1.0), num_samples=1,
-                   ruler_tasks=("niah_single_2",), batch_size=2, prefill_chunk=256),
+                   ruler_tasks=("niah_single_2",), batch_size=2, prefill_chunk=256, search_windows=1,
+                   search=longrope_search.SearchConfig(population=4, generations=1, num_parents=2)),
 }
 
 
@@ -125,9 +140,12 @@ def self_extend_group(factor: int, L: int, window: int) -> int:
     return math.ceil((factor * L - window) / (L - window))
 
 
-def training_free_variants(L: int, factors: tuple[int, ...]) -> list[Variant]:
+def training_free_variants(L: int, factors: tuple[int, ...], searched: dict[int, tuple[float, ...]] | None = None
+                           ) -> list[Variant]:
     """The model's own RoPE, then at each factor every scheme that stretches a pretrained RoPE model without
-    training, and the two that need no factor (LM-Infinite's Λ-shaped mask, entropy-aware ABF without training)."""
+    training (LongRoPE also with the factors `searched` found for it), and the two that need no factor (LM-Infinite's
+    Λ-shaped mask, entropy-aware ABF without training)."""
+    searched = searched or {}
     rows = [Variant("RoPE (as trained)", "rope", family="RoPE")]
     window = L // 4
     for s in factors:
@@ -139,6 +157,8 @@ def training_free_variants(L: int, factors: tuple[int, ...]) -> list[Variant]:
             Variant(f"YaRN ×{s}", "yarn", stretch, "YaRN"),
             Variant(f"Llama 3 ×{s}", "llama3", stretch, "Llama 3"),
             Variant(f"LongRoPE ×{s} (YaRN start)", "longrope", stretch, "LongRoPE"),
+            *([Variant(f"LongRoPE ×{s} (searched)", "longrope", (*stretch, ("long_factor", searched[s])),
+                       "LongRoPE")] if s in searched else []),
             Variant(f"Self-Extend ×{s}", "self_extend",
                     (("group_size", self_extend_group(s, L, window)), ("neighbor_window", window),
                      ("original_max_position_embeddings", L)), "Self-Extend"),
@@ -149,6 +169,15 @@ def training_free_variants(L: int, factors: tuple[int, ...]) -> list[Variant]:
         Variant("entropy-ABF (no training)", "entropy_abf", (("original_max_position_embeddings", L),), "E-ABF"),
     ]
     return rows
+
+
+def searched_factors(workdir: pathlib.Path) -> dict[int, tuple[float, ...]]:
+    """{factor: long_factor} of the LongRoPE searches in the workdir."""
+    found = {}
+    for path in sorted((workdir / "longrope").glob("x*.json")):
+        result = json.loads(path.read_text())
+        found[int(result["factor"])] = tuple(result["long_factor"])
+    return found
 
 
 def fine_tunes(L: int) -> dict[str, Variant]:
@@ -443,11 +472,47 @@ def compression(args) -> None:
     print(report(workdir))
 
 
+def search_longrope(args) -> None:
+    setting, workdir = SETTINGS[args.setting], args.workdir
+    check_corpus(args.corpus, ("train.jsonl",))
+    tokenizer, model, params, _ = load_run(args.run)
+    run_config = checkpoint.load_run_config(args.run)
+    L = run_config.data.seq_len
+    data = run_config.data.copy_and_resolve_references()
+    data.update(source=str(args.corpus / "train.jsonl"), mixture={}, valid_fraction=1.0)
+    documents = pipeline.eval_documents(data, "valid", tokenizer)
+    for factor in setting.factors:
+        path = workdir / "longrope" / f"x{factor}.json"
+        if path.exists():
+            continue
+        length = factor * L
+        windows = [document[:length] for document in documents if len(document) >= length][:setting.search_windows]
+        if not windows:
+            sys.exit(f"error: no training document of {args.corpus} has {length} tokens for the ×{factor} search")
+        scheme_config = suite.scheme_config(run_config.model.positions, "longrope",
+                                            {"factor": float(factor), "original_max_position_embeddings": L})
+        scheme = longrope_search.SearchedLongRoPE(head_dim=run_config.model.head_dim, **{
+            key: value for key, value in scheme_config.items() if key not in ("name", "long_factor")})
+        searching = model.clone(position_scheme=scheme)
+        start = time.perf_counter()
+        result = longrope_search.search(longrope_search.perplexity_objective(searching, params, np.stack(windows)),
+                                        scheme, setting.search)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "factor": factor, "length": length, "windows": len(windows),
+            "long_factor": [round(float(v), 5) for v in result.long_factor], "loss": result.loss,
+            "starts": result.starts, "history": result.history, "search": dataclasses.asdict(setting.search),
+            "seconds": round(time.perf_counter() - start, 1), "device": jax.devices()[0].device_kind}, indent=2)
+            + "\n")
+        log.info("LongRoPE ×%d: loss %.4f (PI %.4f, NTK %.4f, YaRN %.4f) in %.0f s", factor, result.loss,
+                 result.starts["pi"], result.starts["ntk"], result.starts["yarn"], time.perf_counter() - start)
+
+
 def training_free(args) -> None:
     setting, workdir, run = SETTINGS[args.setting], args.workdir, args.run
     run_config = checkpoint.load_run_config(run)
     L = run_config.data.seq_len
-    variants = training_free_variants(L, setting.factors)
+    variants = training_free_variants(L, setting.factors, searched_factors(workdir))
     if args.only:
         wanted = [label.strip() for label in args.only.split(",")]
         unknown = [label for label in wanted if label not in {v.label for v in variants}]
@@ -456,7 +521,8 @@ def training_free(args) -> None:
                      f"{', '.join(v.label for v in variants)}")
         variants = [v for v in variants if v.label in wanted]
     check_corpus(args.corpus, ("valid.jsonl", "haystack.txt"))
-    write_study(workdir, run, L, args.setting, args.corpus, training_free_variants(L, setting.factors))
+    write_study(workdir, run, L, args.setting, args.corpus,
+                training_free_variants(L, setting.factors, searched_factors(workdir)))
     tasks = tuple(args.tasks.split(","))
     for variant in variants:
         record = evaluate(run, workdir, variant, setting, args.corpus, tasks)
@@ -469,11 +535,13 @@ def main(argv=None) -> None:
     stages = parser.add_subparsers(dest="stage", required=True)
     free = stages.add_parser("training_free", help="every training-free scheme at every factor")
     tuned = stages.add_parser("fine_tune", help="fine-tunes at 4x the native length, then their evaluation")
-    for stage in (free, tuned):
+    searching = stages.add_parser("longrope_search", help="LongRoPE factors of the model's own, for each factor")
+    for stage in (free, tuned, searching):
         stage.add_argument("--run", required=True, type=pathlib.Path, help="the pretrained model as a longctx run")
         stage.add_argument("--corpus", required=True, type=pathlib.Path, help="what corpus.py wrote")
         stage.add_argument("--workdir", required=True, type=pathlib.Path)
         stage.add_argument("--setting", default="h100", choices=sorted(SETTINGS))
+    for stage in (free, tuned):
         stage.add_argument("--tasks", default="ppl,passkey,niah,ruler")
     free.add_argument("--only", help="comma-separated labels of the variants to evaluate now (default: all)")
     compressed = stages.add_parser("compression", help="the pass key under KV compression where the full cache "
@@ -494,6 +562,8 @@ def main(argv=None) -> None:
         fine_tune(args)
     elif args.stage == "compression":
         compression(args)
+    elif args.stage == "longrope_search":
+        search_longrope(args)
     else:
         print(report(args.workdir))
 

@@ -17,6 +17,21 @@ import study  # noqa: E402
 LABELS = ("RoPE (as trained)", "YaRN ×2", "Self-Extend ×2")
 
 
+TEXT = "The grass is green. The sky is blue. " * 40
+SETTING = study.Setting(lengths=(256, 512), factors=(2,), num_documents=1, depths=(0.0, 1.0), num_samples=1,
+                        ruler_tasks=("niah_single_1",), batch_size=2, prefill_chunk=128, search_windows=1,
+                        search=study.longrope_search.SearchConfig(population=4, generations=1, num_parents=2))
+
+
+def write_corpus(directory: pathlib.Path) -> pathlib.Path:
+    """What corpus.py writes, small: training documents, one held-out document and the haystack."""
+    directory.mkdir()
+    (directory / "train.jsonl").write_text("".join(json.dumps({"text": TEXT + str(i)}) + "\n" for i in range(8)))
+    (directory / "valid.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
+    (directory / "haystack.txt").write_text(TEXT)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, make_config):
     workdir = tmp_path_factory.mktemp("run")
@@ -40,14 +55,8 @@ def test_the_corpus_holds_long_packages_apart_and_the_reference_as_prose():
 def test_every_row_is_evaluated_once_and_its_printed_command_gives_its_numbers(run, tmp_path, monkeypatch):
     """Three variants at 256 and 512 tokens (1× and 2× the run's length): the tables hold them, a second call only
     re-renders, and the command printed beside YaRN ×2 reproduces its perplexity through the command line."""
-    documents = tmp_path / "corpus"
-    documents.mkdir()
-    text = "The grass is green. The sky is blue. " * 40
-    (documents / "valid.jsonl").write_text(json.dumps({"text": text}) + "\n")
-    (documents / "haystack.txt").write_text(text)
-    monkeypatch.setitem(study.SETTINGS, "test", study.Setting(
-        lengths=(256, 512), factors=(2,), num_documents=1, depths=(0.0, 1.0), num_samples=1,
-        ruler_tasks=("niah_single_1",), batch_size=2, prefill_chunk=128))
+    documents = write_corpus(tmp_path / "corpus")
+    monkeypatch.setitem(study.SETTINGS, "test", SETTING)
     workdir = tmp_path / "study"
     args = ["training_free", "--run", str(run), "--corpus", str(documents), "--workdir", str(workdir),
             "--setting", "test", "--tasks", "ppl,passkey", "--only", ",".join(LABELS)]
@@ -88,15 +97,8 @@ def test_every_row_is_evaluated_once_and_its_printed_command_gives_its_numbers(r
 def test_a_fine_tune_trains_from_the_runs_params_resumes_and_joins_the_report(run, tmp_path, monkeypatch):
     """YaRN ×4 fine-tuned for 2 steps at 4 × L on the corpus's training documents (a share of them pass-key
     prompts), from the run's params; its row sits in the same tables as the training-free rows."""
-    documents = tmp_path / "corpus"
-    documents.mkdir()
-    text = "The grass is green. The sky is blue. " * 40
-    (documents / "train.jsonl").write_text("".join(json.dumps({"text": text + str(i)}) + "\n" for i in range(8)))
-    (documents / "valid.jsonl").write_text(json.dumps({"text": text}) + "\n")
-    (documents / "haystack.txt").write_text(text)
-    monkeypatch.setitem(study.SETTINGS, "test", study.Setting(
-        lengths=(256, 512), factors=(2,), num_documents=1, depths=(0.5,), num_samples=1,
-        ruler_tasks=("niah_single_1",), batch_size=1, prefill_chunk=128))
+    documents = write_corpus(tmp_path / "corpus")
+    monkeypatch.setitem(study.SETTINGS, "test", study.dataclasses.replace(SETTING, depths=(0.5,), batch_size=1))
     monkeypatch.setitem(study.FINE_TUNE_SETTINGS, "test", study.FineTuneSetting(
         seq_len=1024, steps=2, batch_size=1, learning_rate=1e-4, warmup_steps=1, passkey_fraction=0.2,
         checkpoint_every=2, model={}))
@@ -114,6 +116,24 @@ def test_a_fine_tune_trains_from_the_runs_params_resumes_and_joins_the_report(ru
     study.main(args)
     with pytest.raises(SystemExit, match="--methods names no fine-tune"):
         study.main([*args[:-1], "yarn3"])
+
+
+def test_longrope_factors_of_the_models_own_become_a_row(run, tmp_path, monkeypatch):
+    """The ×2 search on a 512-token window of a training document; its factors keep LongRoPE's constraints, and the
+    searched row is evaluated with them (its command carries them)."""
+    documents = write_corpus(tmp_path / "corpus")
+    monkeypatch.setitem(study.SETTINGS, "test", SETTING)
+    workdir = tmp_path / "study"
+    common = ["--run", str(run), "--corpus", str(documents), "--workdir", str(workdir), "--setting", "test"]
+    study.main(["longrope_search", *common])
+    result = json.loads((workdir / "longrope" / "x2.json").read_text())
+    factors = result["long_factor"]
+    assert result["length"] == 512 and len(factors) == 8 and factors == sorted(factors)
+    assert result["loss"] <= min(result["starts"].values())
+    study.main(["training_free", *common, "--tasks", "ppl", "--only", "LongRoPE ×2 (searched)"])
+    record = json.loads((workdir / "evals" / f"{study.file_slug('LongRoPE ×2 (searched)')}.json").read_text())
+    assert record["params"]["long_factor"] == factors and "long_factor=" in record["command"]
+    assert record["lengths"] == [256, 512]
 
 
 def test_self_extends_group_reaches_the_factor():
