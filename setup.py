@@ -28,6 +28,7 @@ setuptools.setup(
         "safetensors>=0.4",
         "gguf>=0.19",  # llama.cpp's reader and dequantiser of GGUF model files
         "tokenizers>=0.19",
+        "jinja2>=3.1",  # chat templates, rendered as transformers renders them
         "sentencepiece>=0.2",
         "tqdm>=4.66",
         "matplotlib>=3.8",

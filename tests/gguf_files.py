@@ -94,6 +94,12 @@ def write(name: str, path: pathlib.Path, quant: str = "F32", embedding_quant: st
 TOKENIZER_CORPUS = ("the theme of the thesis: then there, the other three threw their things. def f(x):\n"
                     "    return x + 1  # then 123 and 4567\n\tün café naïve 東京 the end")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# SmolLM2-Instruct's chat template (its GGUF file's tokenizer.chat_template): ChatML with a default system turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 NUM_MERGES = 60
 
 
@@ -142,7 +148,8 @@ def write_tokenizer(path: pathlib.Path, pre: str = "smollm") -> pathlib.Path:
 
 def add_tokenizer(writer: gguf.GGUFWriter, symbols: list[str], merges: list[tuple[str, str]], pre: str) -> None:
     """`tokenizer.ggml.*` fields: the tokens `symbols` + SPECIAL_TOKENS (control tokens: BOS <|im_start|>, EOS
-    <|im_end|>, PAD <|endoftext|>, as SmolLM2's), `merges`, and the pre-tokenizer type `pre`."""
+    <|im_end|>, PAD <|endoftext|>, as SmolLM2's), `merges`, and the pre-tokenizer type `pre`; and SmolLM2's chat
+    template."""
     tokens = symbols + SPECIAL_TOKENS
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
@@ -153,3 +160,4 @@ def add_tokenizer(writer: gguf.GGUFWriter, symbols: list[str], merges: list[tupl
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
     writer.add_pad_token_id(tokens.index("<|endoftext|>"))
     writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)

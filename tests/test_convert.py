@@ -156,5 +156,6 @@ def test_a_gguf_files_tokenizer_goes_into_the_run_and_on_to_the_hf_directory(tmp
         specials["<|im_start|>"], specials["<|im_end|>"], specials["<|endoftext|>"])
     convert.run_to_hf(workdir, exported)
     assert json.loads((exported / "tokenizer_config.json").read_text()) == {
-        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "chat_template": gguf_files.CHAT_TEMPLATE}
     assert json.loads((exported / "config.json").read_text())["bos_token_id"] == specials["<|im_start|>"]

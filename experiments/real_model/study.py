@@ -78,6 +78,9 @@ class Setting:
     ruler_tasks: tuple[str, ...]
     batch_size: int
     prefill_chunk: int
+    # Retrieval prompts as a user's turn of the model's chat template: SmolLM2-Instruct answers the pass key so at
+    # every depth, and as plain text repeats "the pass key" when the needle ends the context (results.md).
+    prompt_format: str = "chat"
     search_windows: int = 2  # LongRoPE search: training-document windows the perplexity is measured on ...
     search: longrope_search.SearchConfig = longrope_search.SearchConfig(population=24, generations=10,
                                                                         num_parents=6)  # ... and the evolution
@@ -227,7 +230,7 @@ def options_of(setting: Setting, corpus: pathlib.Path, tasks: tuple[str, ...]) -
     return suite.Options(tasks=tasks, depths=setting.depths, num_samples=setting.num_samples,
                          documents=str(corpus / "valid.jsonl"), haystack=str(corpus / "haystack.txt"),
                          ruler_tasks=setting.ruler_tasks, batch_size=setting.batch_size,
-                         prefill_chunk=setting.prefill_chunk)
+                         prefill_chunk=setting.prefill_chunk, prompt_format=setting.prompt_format)
 
 
 def command_of(run: pathlib.Path, variant: Variant, lengths: list[int], options: suite.Options,
@@ -239,7 +242,8 @@ def command_of(run: pathlib.Path, variant: Variant, lengths: list[int], options:
             "--num_documents", str(num_documents), "--documents", options.documents, "--haystack", options.haystack,
             "--depths", ",".join(f"{d:g}" for d in options.depths), "--num_samples", str(options.num_samples),
             "--ruler_tasks", ",".join(options.ruler_tasks), "--batch_size", str(options.batch_size),
-            "--prefill_chunk", str(options.prefill_chunk), "--output_dir", "OUT"]
+            "--prefill_chunk", str(options.prefill_chunk), "--prompt_format", options.prompt_format,
+            "--output_dir", "OUT"]
     if options.compression is not None:
         args += ["--kv_policy", options.compression.policy, "--kv_fraction", f"{options.compression.fraction:g}"]
     return shlex.join(args)

@@ -22,12 +22,14 @@ CONTROL, USER_DEFINED = 3, 4
 
 @dataclasses.dataclass(frozen=True)
 class GGUFTokenizer:
-    """A file's tokenizer and its BOS / EOS / PAD tokens (strings; None when the file names none)."""
+    """A file's tokenizer, its BOS / EOS / PAD tokens (strings; None when the file names none) and its chat template
+    (`tokenizer.chat_template`, HF's Jinja template; None when it has none)."""
 
     tokenizer: tokenizers.Tokenizer
     bos: str | None
     eos: str | None
     pad: str | None
+    chat_template: str | None = None
 
 
 def _field(fields, name: str, default=None):
@@ -66,4 +68,5 @@ def from_gguf(path: str) -> GGUFTokenizer:
         token_id = _field(fields, f"tokenizer.ggml.{role}_token_id")
         return None if token_id is None else tokens[int(token_id)]
 
-    return GGUFTokenizer(tokenizer, special("bos"), special("eos"), special("padding"))
+    return GGUFTokenizer(tokenizer, special("bos"), special("eos"), special("padding"),
+                         _field(fields, "tokenizer.chat_template"))

@@ -32,6 +32,13 @@ class Tokenizer(abc.ABC):
     eos_id: int
     pad_id: int
     name: str
+    chat_template: str | None = None  # HF's Jinja chat template, where the tokenizer's files carry one
+
+    def prompt(self, text: str, *, whole: bool = True) -> np.ndarray:
+        """int32 ids of `text` as a prompt: [BOS] + encode(text), as packing frames every training document. `whole`
+        matters to prompts that close after the text (`longctx.data.chat.ChatPrompts`): False gives the ids only up
+        to the text's end (where a needle in it sits)."""
+        return np.concatenate([[self.bos_id], self.encode(text)]).astype(np.int32)
 
     @abc.abstractmethod
     def encode(self, text: str) -> np.ndarray:
@@ -44,6 +51,10 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """The text of `ids` [n], BOS/EOS/PAD dropped."""
+
+    def token_string(self, token_id: int) -> str:
+        """The vocabulary's string for `token_id` (a special token's name, as a chat template writes it)."""
+        return self.decode([token_id])
 
     def frame(self, ids: Sequence[int] | np.ndarray, dtype=np.int32) -> np.ndarray:
         """`[BOS] + ids + [EOS]` as `dtype`: how every document enters training, whatever the tokenizer."""
@@ -82,17 +93,20 @@ class HFTokenizer(Tokenizer):
 
     BOS/EOS/PAD are the given token strings, else those the `tokenizer_config.json` beside the file names (as HF's
     AutoTokenizer reads them), else the first of the usual names (`HF_BOS_NAMES`, ...) that the tokenizer marks
-    special, else the first that is in its vocabulary at all. PAD falls back to EOS.
+    special, else the first that is in its vocabulary at all. PAD falls back to EOS. The chat template is the given
+    one, else that file's `chat_template`.
     """
 
     def __init__(self, path: str, *, bos: str | None = None, eos: str | None = None, pad: str | None = None,
-                 tokenizer: tokenizers.Tokenizer | None = None):
+                 tokenizer: tokenizers.Tokenizer | None = None, chat_template: str | None = None):
         """`tokenizer`: one already built (`path` then only names it), else the tokenizer.json at `path`."""
         self.name = str(path)
         self._tokenizer = tokenizer or tokenizers.Tokenizer.from_file(str(path))
         if tokenizer is None:
             named = _special_tokens_beside(pathlib.Path(path))
             bos, eos, pad = bos or named.get("bos"), eos or named.get("eos"), pad or named.get("pad")
+            chat_template = chat_template or named.get("chat_template")
+        self.chat_template = chat_template
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._special_id("BOS", bos, HF_BOS_NAMES)
         self.eos_id = self._special_id("EOS", eos, HF_EOS_NAMES)
@@ -127,18 +141,25 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tokenizer.decode(self._without_specials(ids).tolist(), skip_special_tokens=True)
 
+    def token_string(self, token_id: int) -> str:
+        return self._tokenizer.id_to_token(token_id) or ""
+
     def save(self, directory: str | os.PathLike) -> None:
         """Writes the tokenizer into `directory` as HF does: tokenizer.json, and tokenizer_config.json naming its
-        BOS / EOS / PAD, so that this class and transformers' AutoTokenizer read the same special tokens back."""
+        BOS / EOS / PAD (and its chat template), so that this class and transformers' AutoTokenizer read the same
+        special tokens back."""
         directory = pathlib.Path(directory)
         self._tokenizer.save(str(directory / "tokenizer.json"))
         roles = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
         named = {role: self._tokenizer.id_to_token(token_id) for role, token_id in roles.items()}
+        if self.chat_template:
+            named["chat_template"] = self.chat_template
         (directory / HF_CONFIG_FILE).write_text(json.dumps(named, indent=2) + "\n")
 
 
 def _special_tokens_beside(path: pathlib.Path) -> dict[str, str]:
-    """The BOS / EOS / PAD token strings ("bos", "eos", "pad") the tokenizer_config.json beside `path` names."""
+    """The BOS / EOS / PAD token strings ("bos", "eos", "pad") and the "chat_template" the tokenizer_config.json
+    beside `path` names."""
     config_path = path.parent / HF_CONFIG_FILE
     if not config_path.is_file():
         return {}
@@ -149,6 +170,8 @@ def _special_tokens_beside(path: pathlib.Path) -> dict[str, str]:
         token = token.get("content") if isinstance(token, dict) else token  # older files: an AddedToken's fields
         if isinstance(token, str):
             named[role] = token
+    if isinstance(config.get("chat_template"), str):
+        named["chat_template"] = config["chat_template"]
     return named
 
 
@@ -179,7 +202,8 @@ class SentencePieceTokenizer(Tokenizer):
 def gguf_tokenizer(path: str) -> HFTokenizer:
     """The tokenizer a GGUF model file carries (`gguf_tokenizer.from_gguf`), with the file's BOS / EOS / PAD."""
     found = from_gguf(path)
-    return HFTokenizer(path, bos=found.bos, eos=found.eos, pad=found.pad, tokenizer=found.tokenizer)
+    return HFTokenizer(path, bos=found.bos, eos=found.eos, pad=found.pad, tokenizer=found.tokenizer,
+                       chat_template=found.chat_template)
 
 
 def load_tokenizer(spec: str) -> Tokenizer:

@@ -45,6 +45,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Prompts generated at onc
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", suite.Options.prefill_chunk, "Prompt tokens per prefill "
                                       "call through the KV cache.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampled prompts.")
+_PROMPT_FORMAT = flags.DEFINE_enum("prompt_format", "plain", list(suite.PROMPT_FORMATS), "Generation prompts as "
+                                   "plain text after BOS, or as a user's turn of the tokenizer's chat template.")
 _CACHE = flags.DEFINE_enum("cache", "auto", list(CACHE_KINDS), "KV cache keys: encoded once (the decoding kernel) "
                            "or raw (re-encoded every step, any scheme); auto: encoded where the scheme allows.")
 _PAGE_SIZE = flags.DEFINE_integer("page_size", None, "Page the KV cache with pages of this many tokens.")
@@ -93,7 +95,8 @@ def main(argv):
                             stride=_STRIDE.value, documents=_DOCUMENTS.value, haystack=_HAYSTACK.value,
                             ruler_tasks=tuple(_RULER_TASKS.value),
                             longbench=tuple(_LONGBENCH.value), batch_size=_BATCH_SIZE.value,
-                            prefill_chunk=_PREFILL_CHUNK.value, seed=_SEED.value, cache=_CACHE.value,
+                            prefill_chunk=_PREFILL_CHUNK.value, seed=_SEED.value,
+                            prompt_format=_PROMPT_FORMAT.value, cache=_CACHE.value,
                             page_size=_PAGE_SIZE.value, unroll_layers=_UNROLL_LAYERS.value)
     output_dir = pathlib.Path(_OUTPUT_DIR.value or _WORKDIR.value)
     try:

@@ -22,7 +22,7 @@ import re
 import numpy as np
 
 from longctx.data import Tokenizer
-from longctx.eval.tasks import Sample, check_grid, fit_to_length, normalize_answer, with_bos
+from longctx.eval.tasks import Sample, check_grid, fit_to_length, normalize_answer
 
 TASK = "niah"
 DEFAULT_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -117,14 +117,15 @@ def build(tokenizer: Tokenizer, lengths: Sequence[int], depths: Sequence[float],
                                          f"question; use longer lengths")
                     split, tokens_before, context_tokens = needle_split(tokenizer, context, depth)
                     before, after = context[:split], context[split:]
-                    prompt = with_bos(tokenizer, before + needle + (" " + after if after else "") + suffix)
+                    prompt = tokenizer.prompt(before + needle + (" " + after if after else "") + suffix)
                     if len(prompt) <= length:
                         break
                     context = context[: len(context) - (len(prompt) - length)]
                 samples.append(Sample(
                     task=TASK, prompt=prompt, answers=(answer,), length=int(length),
                     depth=tokens_before / context_tokens, max_new_tokens=max_new_tokens,
-                    info={"requested_depth": float(depth), "needle_position": len(with_bos(tokenizer, before)),
+                    info={"requested_depth": float(depth),
+                          "needle_position": len(tokenizer.prompt(before, whole=False)),
                           "haystack_offset": offset, "context_tokens": context_tokens, "sample_index": index},
                 ))
     return samples

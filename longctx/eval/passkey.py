@@ -18,7 +18,7 @@ import re
 import numpy as np
 
 from longctx.data import Tokenizer
-from longctx.eval.tasks import Sample, check_grid, fit_to_length, with_bos
+from longctx.eval.tasks import Sample, check_grid, fit_to_length
 
 TASK = "passkey"
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz "
@@ -44,10 +44,10 @@ def fit_filler(render_filler: Callable[[int], str], tokenizer: Tokenizer, length
     tokenizes alike each time it repeats): steps out from it, doubling, to an n that fits and one that does not, so a
     32K prompt takes a few tokenizations instead of a binary search from zero."""
     def fits(n: int) -> bool:
-        return len(with_bos(tokenizer, render_filler(n))) <= length
+        return len(tokenizer.prompt(render_filler(n))) <= length
 
     unit_tokens = max(1, len(tokenizer.encode(FILLER * 2)) - len(tokenizer.encode(FILLER)))
-    lower = max(0, (length - len(with_bos(tokenizer, render_filler(0)))) // unit_tokens)
+    lower = max(0, (length - len(tokenizer.prompt(render_filler(0)))) // unit_tokens)
     step = 1
     while lower > 0 and not fits(lower):
         lower, step = max(0, lower - step), step * 2
@@ -78,7 +78,7 @@ def build(tokenizer: Tokenizer, lengths: Sequence[int], depths: Sequence[float],
                 key = random_key(rng, digits)
                 num_filler, prompt = fit_filler(functools.partial(render, key, depth), tokenizer, length)
                 before = round(depth * num_filler)
-                needle_position = len(with_bos(tokenizer, INTRO + FILLER * before))
+                needle_position = len(tokenizer.prompt(INTRO + FILLER * before, whole=False))
                 samples.append(Sample(
                     task=TASK, prompt=prompt, answers=(key,), length=int(length), depth=float(depth),
                     max_new_tokens=digits + 2,

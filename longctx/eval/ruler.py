@@ -50,7 +50,7 @@ import uuid
 import numpy as np
 
 from longctx.data import Tokenizer
-from longctx.eval.tasks import Sample, check_lengths, fit_to_length, string_match_all, with_bos
+from longctx.eval.tasks import Sample, check_lengths, fit_to_length, string_match_all
 
 TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
          "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
@@ -270,7 +270,7 @@ def fit(name: str, render: Callable[[int], str], tokenizer: Tokenizer, length: i
     """The largest n <= limit whose `render(n)` fits in `length` tokens with BOS (doubling, then `fit_to_length`'s
     bisection). Raises ValueError naming the task and length when nothing fits or `limit` units do not fill it."""
     upper = 1
-    while upper < limit and len(with_bos(tokenizer, render(upper))) <= length:
+    while upper < limit and len(tokenizer.prompt(render(upper))) <= length:
         upper = min(2 * upper, limit)
     try:
         n, _ = fit_to_length(render, tokenizer, length, upper=upper)
@@ -366,7 +366,7 @@ def niah_sample(name: str, tokenizer: Tokenizer, length: int, rng: np.random.Gen
     after = len(tokenizer.encode(context[start + len(needles[target]):]))
     info = {"haystack": spec.haystack, "keys": keys, "values": values, "queries": [keys[i] for i in asked],
             "num_needles": len(needles), "requested_depth": requested, "num_units": n}
-    return Sample(f"ruler/{name}", with_bos(tokenizer, render(n)), tuple(answers), length,
+    return Sample(f"ruler/{name}", tokenizer.prompt(render(n)), tuple(answers), length,
                   before / (before + after) if before + after else 0.0, MAX_NEW_TOKENS[name], info)
 
 
@@ -405,7 +405,7 @@ def vt_sample(tokenizer: Tokenizer, length: int, rng: np.random.Generator) -> Sa
 
     n = fit("vt", render, tokenizer, length, limit=length, material="noise paragraphs")
     info = {"value": value, "variables": variables, "num_chains": 1, "num_hops": VT_NUM_HOPS, "num_noise": n}
-    return Sample("ruler/vt", with_bos(tokenizer, render(n)), tuple(variables), length, None, MAX_NEW_TOKENS["vt"],
+    return Sample("ruler/vt", tokenizer.prompt(render(n)), tuple(variables), length, None, MAX_NEW_TOKENS["vt"],
                   info)
 
 
@@ -445,7 +445,7 @@ def cwe_sample(tokenizer: Tokenizer, length: int, rng: np.random.Generator) -> S
     n = fit("cwe", render, tokenizer, length, limit=len(others), material="distinct words (plain and compound)")
     info = {"common_words": common, "num_words": CWE_NUM_COMMON + n, "common_repeats": common_repeats,
             "other_repeats": other_repeats}
-    return Sample("ruler/cwe", with_bos(tokenizer, render(n)), tuple(common), length, None, MAX_NEW_TOKENS["cwe"],
+    return Sample("ruler/cwe", tokenizer.prompt(render(n)), tuple(common), length, None, MAX_NEW_TOKENS["cwe"],
                   info)
 
 
@@ -478,5 +478,5 @@ def fwe_sample(tokenizer: Tokenizer, length: int, rng: np.random.Generator) -> S
         raise ValueError(f"ruler/fwe: length {length} is too short: its {n} coded words leave the "
                          f"{FWE_NUM_ANSWERS} most frequent tied with the next ({counts[1:FWE_NUM_ANSWERS + 2]} times)")
     info = {"coded_words": answers, "num_words": n, "vocab_size": vocab_size, "alpha": FWE_ALPHA}
-    return Sample("ruler/fwe", with_bos(tokenizer, render(n)), tuple(answers), length, None, MAX_NEW_TOKENS["fwe"],
+    return Sample("ruler/fwe", tokenizer.prompt(render(n)), tuple(answers), length, None, MAX_NEW_TOKENS["fwe"],
                   info)

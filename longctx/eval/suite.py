@@ -30,7 +30,7 @@ import tqdm
 
 from longctx import positions
 from longctx.config import positions_config
-from longctx.data import Tokenizer, load_tokenizer, pipeline
+from longctx.data import ChatPrompts, Tokenizer, load_tokenizer, pipeline
 from longctx.eval import longbench, niah, passkey, ppl, ruler
 from longctx.eval.tasks import Sample
 from longctx.infer.compress import Compression
@@ -42,6 +42,7 @@ log = logging.getLogger("longctx.eval")
 
 TASKS = ("ppl", "passkey", "niah", "ruler", "longbench")
 GENERATION_TASKS = ("passkey", "niah", "ruler", "longbench")
+PROMPT_FORMATS = ("plain", "chat")
 MAX_NEW_TOKENS_BOUND = 128  # room the generation checks give the answers (the tasks' answers are shorter)
 
 
@@ -53,7 +54,9 @@ class Options:
     essay tasks hide needles in, instead of the run's held-out split (None: that split); haystack: a text file for
     niah and RULER's essay tasks instead (None: those documents); ruler_tasks: which RULER tasks; longbench: jsonl
     files; batch_size: generation batch (None: the run's eval.batch_size); prefill_chunk: prompt columns per
-    prefill call; seed: of every sampled prompt; cache, page_size, compression: the KV cache generation runs with;
+    prefill call; seed: of every sampled prompt; prompt_format: "plain" ([BOS] + text, as training documents
+    begin) or "chat" (the text as a user's turn of the tokenizer's chat template, `longctx.data.ChatPrompts`);
+    cache, page_size, compression: the KV cache generation runs with;
     unroll_layers: generation with the layers unrolled (faster decoding steps, about three times the compilation;
     `longctx.infer.generate.Generator`)."""
 
@@ -68,6 +71,7 @@ class Options:
     batch_size: int | None = None
     prefill_chunk: int | None = 1024
     seed: int = 0
+    prompt_format: str = "plain"
     cache: str = "auto"
     page_size: int | None = None
     compression: Compression | None = None
@@ -87,6 +91,8 @@ class Options:
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
                                       or value < 1):
                 raise ValueError(f"--{name} must be a positive int, got {value!r}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"--prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
         bad = [name for name in self.ruler_tasks if name not in ruler.TASKS]
         if bad:
             raise ValueError(f"--ruler_tasks: unknown {', '.join(bad)}; RULER tasks: {', '.join(ruler.TASKS)}")
@@ -247,7 +253,13 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
     if {"niah", "ruler"} & set(options.tasks):
         haystack = (pathlib.Path(options.haystack).read_text() if options.haystack
                     else "\n".join(tokenizer.decode(document) for document in documents("valid")))
-    samples = build_samples(options, tokenizer, lengths, haystack)
+    prompts = tokenizer
+    if options.prompt_format == "chat" and generating:
+        try:
+            prompts = ChatPrompts(tokenizer)
+        except ValueError as error:
+            raise ValueError(f"--prompt_format chat: {error}") from None
+    samples = build_samples(options, prompts, lengths, haystack)
     return Evaluation(workdir, config, step, schemes, lengths, options, tokenizer, windows, unigram,
                       samples)
 

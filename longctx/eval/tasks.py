@@ -23,7 +23,7 @@ class Sample:
     """One prompt and what a right answer contains.
 
     task: the task's name as reports show it ("passkey", "niah", "ruler/niah_multikey", "longbench/qasper", ...).
-    prompt: int32 token ids [n] the model reads, BOS first, n <= length.
+    prompt: int32 token ids [n] the model reads (`Tokenizer.prompt`: BOS first, or a chat template's), n <= length.
     answers: every expected string; how they are matched is the task's `score`.
     length: the context length (tokens) the sample was built for: the column of the length × depth grid.
     depth: where the needle sits in the context, 0 (start) .. 1 (end); None where a task has no single needle.
@@ -55,27 +55,22 @@ def check_grid(lengths: Sequence[int], depths: Sequence[float]) -> None:
                          f"got {list(depths)}")
 
 
-def with_bos(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    """int32 [BOS] + encode(text): a prompt as the model saw documents in training (packing frames them so)."""
-    return np.concatenate([[tokenizer.bos_id], tokenizer.encode(text)]).astype(np.int32)
-
-
 def fit_to_length(render: Callable[[int], str], tokenizer: Tokenizer, length: int, *,
                   upper: int, lower: int = 0) -> tuple[int, np.ndarray]:
-    """(n, prompt): the largest n in [0, upper] whose `with_bos(render(n))` has at most `length` tokens, and that
-    prompt. `render(n)` must grow with n (n units of filler or haystack). Raises ValueError when even n = 0 does not
-    fit: `length` is too short for the task's fixed text. `lower`: an n known to fit, where the search starts."""
-    if lower == 0 and len(with_bos(tokenizer, render(0))) > length:
+    """(n, prompt): the largest n in [0, upper] whose `tokenizer.prompt(render(n))` has at most `length` tokens, and
+    that prompt. `render(n)` must grow with n (n units of filler or haystack). Raises ValueError when even n = 0 does
+    not fit: `length` is too short for the task's fixed text. `lower`: an n known to fit, where the search starts."""
+    if lower == 0 and len(tokenizer.prompt(render(0))) > length:
         raise ValueError(f"length {length} is too short for this task's prompt even without filler "
-                         f"({len(with_bos(tokenizer, render(0)))} tokens)")
+                         f"({len(tokenizer.prompt(render(0)))} tokens)")
     low, high = lower, upper
     while low < high:  # invariant: render(low) fits
         mid = (low + high + 1) // 2
-        if len(with_bos(tokenizer, render(mid))) <= length:
+        if len(tokenizer.prompt(render(mid))) <= length:
             low = mid
         else:
             high = mid - 1
-    return low, with_bos(tokenizer, render(low))
+    return low, tokenizer.prompt(render(low))
 
 
 def normalize_answer(text: str) -> str:

@@ -235,6 +235,10 @@ def test_task_errors_name_the_problem(trained_run, tmp_path):
                       options=suite.Options(tasks=("passkey",)))
     with pytest.raises(ValueError, match="none of the evaluated schemes \\(rope\\) takes 'factor'"):
         suite.prepare(trained_run, [64], ["rope"], overrides={"factor": 4.0})
+    with pytest.raises(ValueError, match="--prompt_format must be one of plain, chat, got 'chatml'"):
+        suite.prepare(trained_run, [64], options=suite.Options(tasks=("passkey",), prompt_format="chatml"))
+    with pytest.raises(ValueError, match="--prompt_format chat: the tokenizer 'byte' has no chat template"):
+        suite.prepare(trained_run, [512], options=suite.Options(tasks=("passkey",), prompt_format="chat"))
 
 
 def test_command_line_prints_the_table_and_replaces_a_report_only_when_told(trained_run, tmp_path):

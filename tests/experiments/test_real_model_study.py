@@ -19,7 +19,8 @@ LABELS = ("RoPE (as trained)", "YaRN ×2", "Self-Extend ×2")
 
 TEXT = "The grass is green. The sky is blue. " * 40
 SETTING = study.Setting(lengths=(256, 512), factors=(2,), num_documents=1, depths=(0.0, 1.0), num_samples=1,
-                        ruler_tasks=("niah_single_1",), batch_size=2, prefill_chunk=128, search_windows=1,
+                        ruler_tasks=("niah_single_1",), batch_size=2, prefill_chunk=128, prompt_format="plain",
+                        search_windows=1,
                         search=study.longrope_search.SearchConfig(population=4, generations=1, num_parents=2))
 
 
