@@ -1,11 +1,15 @@
-"""Prompts in a model's chat template: the text as the user's turn, the assistant's turn opened after it.
+"""Prompts in a model's chat template: the question as the user's turn, the assistant's turn opened after it with
+the answer's lead-in.
 
 An instruction-tuned model may answer a question only when it is asked as its chat template frames a conversation
 (SmolLM2-Instruct repeats "the pass key" after a plain pass-key prompt whose needle ends the context, and answers the
 same prompt as a user's turn). `ChatPrompts(tokenizer)` is the tokenizer whose `prompt(text)` renders the template
 HF's way (`transformers`' `apply_chat_template`: Jinja in a sandbox, `trim_blocks` and `lstrip_blocks`, messages
 `[{"role": "user", "content": text}]`, `add_generation_prompt=True`, the tokenizer's `bos_token` and `eos_token`) and
-tokenizes the result, the template's special tokens included; everything else is the wrapped tokenizer's.
+tokenizes the result, the template's special tokens included; everything else is the wrapped tokenizer's. A task's
+text marks where its question ends and the answer's lead-in begins (`ANSWER_MARK`, as RULER's templates keep an
+`answer_prefix` apart): the lead-in opens the assistant's turn, as RULER prompts chat models, so "...What is the pass
+key?" is asked and "The pass key is" begun by the assistant.
 """
 
 from collections.abc import Sequence
@@ -14,7 +18,7 @@ import jinja2
 import jinja2.sandbox
 import numpy as np
 
-from longctx.data.tokenizers import Tokenizer
+from longctx.data.tokenizers import ANSWER_MARK, Tokenizer
 
 _CONTENT = "\x00longctx user content\x00"  # stands for the text while the template is rendered once
 
@@ -61,6 +65,9 @@ class ChatPrompts(Tokenizer):
         return self.base.decode(ids)
 
     def prompt(self, text: str, *, whole: bool = True) -> np.ndarray:
-        """ids of the template's opening, `text` as the user's turn, and (if `whole`) the turn's close and the
-        assistant's opening."""
-        return self.base.encode(self.head + text + (self.tail if whole else "")).astype(np.int32)
+        """ids of the template's opening, `text` up to its `ANSWER_MARK` as the user's turn, and (if `whole`) the
+        turn's close, the assistant's opening and the text after the mark."""
+        question, _, lead = text.partition(ANSWER_MARK)
+        if not whole:
+            return self.base.encode(self.head + question).astype(np.int32)
+        return self.base.encode(self.head + question.rstrip() + self.tail + lead.lstrip()).astype(np.int32)

@@ -22,6 +22,9 @@ HF_BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endof
 HF_EOS_NAMES = ("</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>")
 HF_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
 HF_CONFIG_FILE = "tokenizer_config.json"  # Beside an HF tokenizer.json: its bos_token, eos_token, pad_token.
+# In a prompt's text, where the question ends and the answer's lead-in begins (" The pass key is"): a plain prompt
+# drops it, a chat prompt starts the assistant's turn with what follows it (`longctx.data.chat`).
+ANSWER_MARK = "\x1f"
 
 
 class Tokenizer(abc.ABC):
@@ -35,10 +38,10 @@ class Tokenizer(abc.ABC):
     chat_template: str | None = None  # HF's Jinja chat template, where the tokenizer's files carry one
 
     def prompt(self, text: str, *, whole: bool = True) -> np.ndarray:
-        """int32 ids of `text` as a prompt: [BOS] + encode(text), as packing frames every training document. `whole`
-        matters to prompts that close after the text (`longctx.data.chat.ChatPrompts`): False gives the ids only up
-        to the text's end (where a needle in it sits)."""
-        return np.concatenate([[self.bos_id], self.encode(text)]).astype(np.int32)
+        """int32 ids of `text` as a prompt: [BOS] + encode(text), as packing frames every training document, with the
+        `ANSWER_MARK` it may hold dropped. `whole` matters to prompts that close after the text
+        (`longctx.data.chat.ChatPrompts`): False gives the ids only up to the text's end (where a needle sits)."""
+        return np.concatenate([[self.bos_id], self.encode(text.replace(ANSWER_MARK, ""))]).astype(np.int32)
 
     @abc.abstractmethod
     def encode(self, text: str) -> np.ndarray:

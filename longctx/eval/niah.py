@@ -22,6 +22,7 @@ import re
 import numpy as np
 
 from longctx.data import Tokenizer
+from longctx.data.tokenizers import ANSWER_MARK
 from longctx.eval.tasks import Sample, check_grid, fit_to_length, normalize_answer
 
 TASK = "niah"
@@ -38,7 +39,7 @@ def sentence_starts(text: str) -> list[int]:
 
 
 def question_suffix(question: str, answer_prefix: str) -> str:
-    return f"\n\nQuestion: {question}\nAnswer:" + (f" {answer_prefix}" if answer_prefix else "")
+    return f"\n\nQuestion: {question}{ANSWER_MARK}\nAnswer:" + (f" {answer_prefix}" if answer_prefix else "")
 
 
 def haystack_from(text: str, offset: int, tokenizer: Tokenizer, min_tokens: int) -> str:

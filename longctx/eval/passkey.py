@@ -18,6 +18,7 @@ import re
 import numpy as np
 
 from longctx.data import Tokenizer
+from longctx.data.tokenizers import ANSWER_MARK
 from longctx.eval.tasks import Sample, check_grid, fit_to_length
 
 TASK = "passkey"
@@ -25,7 +26,7 @@ INTRO = ("There is an important info hidden inside a lot of irrelevant text. Fin
          "you about the important information there.")
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = " What is the pass key? The pass key is"
+QUESTION = " What is the pass key?" + ANSWER_MARK + " The pass key is"
 
 
 def random_key(rng: np.random.Generator, digits: int) -> str:
@@ -105,4 +106,4 @@ def training_text(tokenizer: Tokenizer, length: int, rng: np.random.Generator, *
     depth = float(rng.uniform())
     most, _ = fit_filler(lambda n: render(key, depth, n) + f" {key}.", tokenizer, length - 1)  # EOS follows
     num_filler = int(rng.integers(most // 4, most + 1))
-    return render(key, depth, num_filler) + f" {key}."
+    return (render(key, depth, num_filler) + f" {key}.").replace(ANSWER_MARK, "")

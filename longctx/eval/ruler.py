@@ -50,6 +50,7 @@ import uuid
 import numpy as np
 
 from longctx.data import Tokenizer
+from longctx.data.tokenizers import ANSWER_MARK
 from longctx.eval.tasks import Sample, check_lengths, fit_to_length, string_match_all
 
 TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
@@ -60,24 +61,25 @@ NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. The
 NEEDLE = "One of the special magic {kind} for {key} is: {value}."
 NIAH_TEMPLATE = ("Some special magic {kind} are hidden within the following text. Make sure to memorize it. I will "
                  "quiz you about the {kind} afterwards.\n{context}\nWhat are all the special magic {kind} for {query} "
-                 "mentioned in the provided text? The special magic {kind} for {query} mentioned in the provided text "
-                 "are")
+                 "mentioned in the provided text?" + ANSWER_MARK + " The special magic {kind} for {query} mentioned in "
+                 "the provided text are")
 # RULER's template when one value is asked for: "Some" → "A", "are all" → "is", "are" → "is", the kind singular.
 NIAH_TEMPLATE_ONE = ("A special magic {kind} is hidden within the following text. Make sure to memorize it. I will "
                      "quiz you about the {kind} afterwards.\n{context}\nWhat is the special magic {kind} for {query} "
-                     "mentioned in the provided text? The special magic {kind} for {query} mentioned in the provided "
-                     "text is")
+                     "mentioned in the provided text?" + ANSWER_MARK + " The special magic {kind} for {query} "
+                     "mentioned in the provided text is")
 VT_TEMPLATE = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
-               "Question: Find all variables that are assigned the value {value} in the text above. Answer: "
-               "According to the chain(s) of variable assignment in the text above, {num_variables} variables are "
-               "assigned the value {value}, they are:")
+               "Question: Find all variables that are assigned the value {value} in the text above." + ANSWER_MARK
+               + " Answer: According to the chain(s) of variable assignment in the text above, {num_variables} "
+               "variables are assigned the value {value}, they are:")
 CWE_TEMPLATE = ("Below is a numbered list of words. In these words, some appear more often than others. Memorize "
                 "the ones that appear most often.\n{context}\nQuestion: What are the 10 most common words in the "
-                "above list? Answer: The top 10 words that appear most often in the list are:")
+                "above list?" + ANSWER_MARK + " Answer: The top 10 words that appear most often in the list are:")
 FWE_TEMPLATE = ("Read the following coded text and track the frequency of each coded word. Find the three most "
                 "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. Please ignore "
-                "the dots '....'. What are the three most frequently appeared words in the above coded text? Answer: "
-                "According to the coded text above, the three most frequently appeared words are:")
+                "the dots '....'. What are the three most frequently appeared words in the above coded text?"
+                + ANSWER_MARK + " Answer: According to the coded text above, the three most frequently appeared words "
+                "are:")
 
 VT_NUM_HOPS = 4
 VT_EXAMPLE_NOISE = 5  # noise paragraphs in the worked example (RULER fills it to 500 tokens)
@@ -396,7 +398,7 @@ def vt_sample(tokenizer: Tokenizer, length: int, rng: np.random.Generator) -> Sa
     example_context = with_statements(VT_EXAMPLE_NOISE, vt_chain(example_variables, example_value),
                                       np.sort(rng.uniform(size=VT_NUM_HOPS + 1)))
     example = (VT_TEMPLATE.format(context=example_context, value=example_value, num_variables=VT_NUM_HOPS + 1)
-               + " " + " ".join(example_variables) + "\n")
+               + " " + " ".join(example_variables) + "\n").replace(ANSWER_MARK, "")  # the worked example: all asked
     fractions = np.sort(rng.uniform(size=VT_NUM_HOPS + 1))
 
     def render(n: int) -> str:
@@ -434,7 +436,7 @@ def cwe_sample(tokenizer: Tokenizer, length: int, rng: np.random.Generator) -> S
                     + example_words[CWE_NUM_COMMON:] * example_other_repeats)
     example_list = [example_list[i] for i in rng.permutation(len(example_list))]
     example = (CWE_TEMPLATE.format(context=numbered(example_list)) + " "
-               + numbered(example_words[:CWE_NUM_COMMON]) + "\n")
+               + numbered(example_words[:CWE_NUM_COMMON]) + "\n").replace(ANSWER_MARK, "")
     shuffle_seed = int(rng.integers(2**63))
 
     def render(n: int) -> str:

@@ -50,9 +50,9 @@ def test_pass_key_prompts_in_the_chat_template_fit_and_point_at_the_needle(chat_
     for sample in samples:
         assert len(sample.prompt) <= 600 and sample.prompt[0] == chat_tokenizer.bos_id
         text = chat_tokenizer.decode(sample.prompt)
-        assert text.endswith(passkey.QUESTION + "\nassistant\n") and text.startswith("system\nYou are a helpful")
-        tail = chat_tokenizer.encode(chat.tail)
-        assert sample.prompt[-len(tail):].tolist() == tail.tolist()
+        # the question closes the user's turn; the assistant's begins the answer (special tokens dropped by decode)
+        assert text.endswith(" What is the pass key?\nassistant\nThe pass key is")
+        assert text.startswith("system\nYou are a helpful")
         needle = chat_tokenizer.encode(passkey.NEEDLE.format(key=sample.info["key"]))
         start = sample.info["needle_position"]
         assert sample.prompt[start:start + len(needle) - 1].tolist() == needle[:-1].tolist()

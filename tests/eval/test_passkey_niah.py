@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 
 from longctx.data import ByteTokenizer, tokenize_documents
+from longctx.data.tokenizers import ANSWER_MARK
 from longctx.eval import heatmap, niah, passkey
 
 TOKENIZER = ByteTokenizer()
-PASSKEY_FIXED_TOKENS = 1 + len(passkey.INTRO) + len(passkey.NEEDLE.format(key="12345")) + len(passkey.QUESTION)
+QUESTION = passkey.QUESTION.replace(ANSWER_MARK, "")  # as a plain prompt reads it
+PASSKEY_FIXED_TOKENS = 1 + len(passkey.INTRO) + len(passkey.NEEDLE.format(key="12345")) + len(QUESTION)
 # Short sentences, each with a distinct number so a test can see where the context starts.
 HAYSTACK = " ".join(f"Line {i} is short." for i in range(400))
 
@@ -26,7 +28,7 @@ def test_passkey_prompt_fills_the_length_and_holds_the_key_at_the_needle():
         assert sample.task == "passkey" and sample.max_new_tokens == 7 and sample.prompt.dtype == np.int32
         assert sample.length - len(passkey.FILLER) < len(sample.prompt) <= sample.length
         text = text_of(sample.prompt)
-        assert text.startswith(passkey.INTRO) and text.endswith(passkey.QUESTION)
+        assert text.startswith(passkey.INTRO) and text.endswith(QUESTION)
         needle = passkey.NEEDLE.format(key=key)
         position = sample.info["needle_position"]
         assert TOKENIZER.decode(sample.prompt[position : position + len(needle)]) == needle
@@ -35,7 +37,7 @@ def test_passkey_prompt_fills_the_length_and_holds_the_key_at_the_needle():
         if sample.depth == 0.0:
             assert position == 1 + len(passkey.INTRO)
         elif sample.depth == 1.0:
-            assert position + len(needle) == len(sample.prompt) - len(passkey.QUESTION)
+            assert position + len(needle) == len(sample.prompt) - len(QUESTION)
         else:
             assert position - 1 - len(passkey.INTRO) == round(0.5 * sample.info["num_filler"]) * len(passkey.FILLER)
 
@@ -90,7 +92,7 @@ def test_passkey_training_documents_end_with_the_answer_and_fit():
     for _ in range(20):
         text = passkey.training_text(TOKENIZER, 1024, rng)
         key = text[text.index("The pass key is ") + 16 :][:5]
-        assert key.isdigit() and text.endswith(passkey.QUESTION + f" {key}.")
+        assert key.isdigit() and text.endswith(QUESTION + f" {key}.")
         ids = tokenize_documents([text], TOKENIZER)[0]  # framed with BOS and EOS, as training reads it
         lengths.append(len(ids))
     assert max(lengths) <= 1024
