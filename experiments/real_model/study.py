@@ -78,8 +78,8 @@ class Setting:
     ruler_tasks: tuple[str, ...]
     batch_size: int
     prefill_chunk: int
-    # Retrieval prompts as a user's turn of the model's chat template: SmolLM2-Instruct answers the pass key so at
-    # every depth, and as plain text repeats "the pass key" when the needle ends the context (results.md).
+    # Retrieval prompts as a user's turn of the model's chat template: as plain text, SmolLM2-Instruct repeats "the
+    # pass key" whenever the needle ends the context, and in the template it answers there (results.md).
     prompt_format: str = "chat"
     search_windows: int = 2  # LongRoPE search: training-document windows the perplexity is measured on ...
     search: longrope_search.SearchConfig = longrope_search.SearchConfig(population=24, generations=10,
@@ -402,16 +402,32 @@ def check_corpus(corpus: pathlib.Path, names: tuple[str, ...]) -> None:
             sys.exit(f"error: --corpus {corpus} has no {name}; build it with experiments/real_model/corpus.py")
 
 
-def write_study(workdir: pathlib.Path, run: pathlib.Path, L: int, setting: str, corpus: pathlib.Path,
-                variants: list[Variant]) -> None:
+def eval_setting(args) -> Setting:
+    """The stage's evaluation setting, with `--prompt_format` in place of the setting's where given."""
+    setting = SETTINGS[args.setting]
+    return dataclasses.replace(setting, prompt_format=args.prompt_format) if args.prompt_format else setting
+
+
+def check_prompt_format(workdir: pathlib.Path, prompt_format: str) -> None:
+    """Every row of a study is asked alike: a workdir measured in one prompt format refuses another."""
+    path = workdir / "study.json"
+    known = json.loads(path.read_text()).get("prompt_format") if path.exists() else None
+    if known is not None and known != prompt_format:
+        sys.exit(f"error: {workdir} holds rows measured with --prompt_format {known}; measure {prompt_format} "
+                 f"prompts in another --workdir")
+
+
+def write_study(workdir: pathlib.Path, run: pathlib.Path, L: int, setting: str, prompt_format: str,
+                corpus: pathlib.Path, variants: list[Variant]) -> None:
     """study.json: what the report is of (its rows in order); rows of every stage run so far are kept."""
+    check_prompt_format(workdir, prompt_format)
     path = workdir / "study.json"
     known = json.loads(path.read_text())["variants"] if path.exists() else []
     workdir.mkdir(parents=True, exist_ok=True)
     study = {"title": f"Context extension of {run.name} (trained at {L} tokens)",
-             "description": f"Setting `{setting}`: the run's params under each training-free scheme, and "
-                            f"fine-tunes from them; documents and haystack from `{corpus}`.",
-             "L": L, "setting": setting, "run": str(run),
+             "description": f"Setting `{setting}`, {prompt_format} prompts: the run's params under each "
+                            f"training-free scheme, and fine-tunes from them; documents and haystack from `{corpus}`.",
+             "L": L, "setting": setting, "prompt_format": prompt_format, "run": str(run),
              "variants": list(dict.fromkeys(known + [v.label for v in variants]))}
     path.write_text(json.dumps(study, indent=2) + "\n")
 
@@ -425,7 +441,9 @@ def fine_tune(args) -> None:
     if unknown:
         sys.exit(f"error: --methods names no fine-tune {unknown}; they are: {', '.join(methods)} (or all)")
     check_corpus(args.corpus, ("train.jsonl", "valid.jsonl", "haystack.txt"))
-    write_study(workdir, run, L, args.setting, args.corpus, [methods[name] for name in names])
+    evaluation = eval_setting(args)
+    write_study(workdir, run, L, args.setting, evaluation.prompt_format, args.corpus,
+                [methods[name] for name in names])
     for name in names:
         variant, tuned = methods[name], workdir / "runs" / name
         config = fine_tune_config(run, args.corpus, variant, setting)
@@ -436,13 +454,14 @@ def fine_tune(args) -> None:
             train(config, tuned, resume=True)
             log.info("%s: %d steps at %d tokens in %.0f s", name, setting.steps, setting.seq_len,
                      time.perf_counter() - start)
-        record = evaluate(tuned, workdir, variant, SETTINGS[args.setting], args.corpus, tuple(args.tasks.split(",")))
+        record = evaluate(tuned, workdir, variant, evaluation, args.corpus, tuple(args.tasks.split(",")))
         log.info("%s: evaluated at %s in %.0f s", variant.label, record["lengths"], record["seconds"])
     print(report(workdir))
 
 
 def compression(args) -> None:
-    setting, workdir = SETTINGS[args.setting], args.workdir
+    setting, workdir = eval_setting(args), args.workdir
+    check_prompt_format(workdir, setting.prompt_format)
     check_corpus(args.corpus, ("valid.jsonl", "haystack.txt"))
     records = [json.loads(path.read_text()) for path in sorted((workdir / "evals").glob("*.json"))]
     if not records:
@@ -513,7 +532,7 @@ def search_longrope(args) -> None:
 
 
 def training_free(args) -> None:
-    setting, workdir, run = SETTINGS[args.setting], args.workdir, args.run
+    setting, workdir, run = eval_setting(args), args.workdir, args.run
     run_config = checkpoint.load_run_config(run)
     L = run_config.data.seq_len
     variants = training_free_variants(L, setting.factors, searched_factors(workdir))
@@ -525,7 +544,7 @@ def training_free(args) -> None:
                      f"{', '.join(v.label for v in variants)}")
         variants = [v for v in variants if v.label in wanted]
     check_corpus(args.corpus, ("valid.jsonl", "haystack.txt"))
-    write_study(workdir, run, L, args.setting, args.corpus,
+    write_study(workdir, run, L, args.setting, setting.prompt_format, args.corpus,
                 training_free_variants(L, setting.factors, searched_factors(workdir)))
     tasks = tuple(args.tasks.split(","))
     for variant in variants:
@@ -555,6 +574,9 @@ def main(argv=None) -> None:
     compressed.add_argument("--setting", default="h100", choices=sorted(SETTINGS))
     compressed.add_argument("--min_accuracy", type=float, default=0.8, help="the full cache's pass-key accuracy "
                                                                             "at which a length is compressed")
+    for stage in (free, tuned, compressed):
+        stage.add_argument("--prompt_format", choices=suite.PROMPT_FORMATS, help="retrieval prompts as plain text "
+                           "or in the model's chat template (default: the setting's)")
     tuned.add_argument("--methods", default="all", help=f"comma-separated fine-tunes: {', '.join(fine_tunes(1))}")
     rendered = stages.add_parser("report", help="results.md, results.json and plots from what is evaluated")
     rendered.add_argument("--workdir", required=True, type=pathlib.Path)

@@ -83,6 +83,8 @@ def test_every_row_is_evaluated_once_and_its_printed_command_gives_its_numbers(r
     monkeypatch.setattr(study.suite, "evaluate", fail)
     study.main(args)
     assert (workdir / "results.md").read_text() == results
+    with pytest.raises(SystemExit, match="holds rows measured with --prompt_format plain"):
+        study.main([*args, "--prompt_format", "chat"])
 
     record = json.loads((workdir / "evals" / f"{study.file_slug('YaRN ×2')}.json").read_text())
     command = record["command"].replace("OUT", str(tmp_path / "rerun")).split()
