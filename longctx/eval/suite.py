@@ -127,6 +127,15 @@ class Evaluation:
     samples: dict[str, list[Sample]]
 
 
+@functools.lru_cache(maxsize=4)
+def split_documents(data_json: str, split: str) -> tuple[np.ndarray, ...]:
+    """The tokenized documents of `split` of the data config `data_json` (which names the tokenizer), read once per
+    process: the held-out split serves perplexity and the haystack, and evaluations of one run under many schemes
+    (a study's variants, each its own `evaluate`) share both splits."""
+    data = ml_collections.ConfigDict(json.loads(data_json))
+    return tuple(pipeline.eval_documents(data, split, load_tokenizer(data.tokenizer)))
+
+
 def scheme_config(trained: ml_collections.ConfigDict, name: str, overrides: dict | None = None
                   ) -> ml_collections.ConfigDict:
     """`model.positions` for scheme `name`: the trained scheme's values of the parameters both take, then those of
@@ -233,13 +242,12 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
     if "ppl" in options.tasks and options.stride is not None and options.stride > min(lengths):
         raise ValueError(f"--stride {options.stride} is longer than the shortest length {min(lengths)}")
 
-    @functools.cache
-    def documents(split: str) -> list[np.ndarray]:  # the held-out split serves both ppl and the haystack: read once
+    def documents(split: str) -> tuple[np.ndarray, ...]:
+        data = config.data
         if split == "valid" and options.documents is not None:  # every document of the given files is held out
             data = ml_collections.ConfigDict(config.data.to_dict())
             data.update(source=options.documents, mixture={}, valid_fraction=1.0)
-            return pipeline.eval_documents(data, split, tokenizer)
-        return pipeline.eval_documents(config.data, split, tokenizer)
+        return split_documents(data.to_json(sort_keys=True), split)
 
     windows = unigram = None
     if "ppl" in options.tasks:

@@ -61,7 +61,11 @@ def test_every_row_is_evaluated_once_and_its_printed_command_gives_its_numbers(r
     workdir = tmp_path / "study"
     args = ["training_free", "--run", str(run), "--corpus", str(documents), "--workdir", str(workdir),
             "--setting", "test", "--tasks", "ppl,passkey", "--only", ",".join(LABELS)]
+    read = []
+    eval_documents = study.suite.pipeline.eval_documents
+    monkeypatch.setattr(study.suite.pipeline, "eval_documents", lambda *a: read.append(a[1]) or eval_documents(*a))
     study.main(args)
+    assert sorted(read) == ["train", "valid"]  # tokenized once for the three variants (the unigram baseline, ppl)
     # KV compression of the rows that retrieve (the untrained model retrieves nothing: every length is taken), but
     # not of Self-Extend, whose keys are re-encoded at every step
     monkeypatch.setattr(study, "COMPRESSIONS", (("snapkv", 0.25),))
