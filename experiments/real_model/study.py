@@ -44,6 +44,7 @@ import time
 
 import jax
 import matplotlib
+import ml_collections
 import numpy as np
 
 matplotlib.use("Agg")
@@ -202,7 +203,8 @@ def fine_tune_config(run: pathlib.Path, corpus: pathlib.Path, variant: Variant, 
     config = checkpoint.load_run_config(run)
     config.model.positions = suite.scheme_config(config.model.positions, variant.scheme, dict(variant.params))
     config.model.update(setting.model)
-    config.data.update(source=str(corpus / "train.jsonl"), mixture={}, valid_fraction=0.0, seq_len=setting.seq_len,
+    config.data.mixture = ml_collections.ConfigDict()
+    config.data.update(source=str(corpus / "train.jsonl"), valid_fraction=0.0, seq_len=setting.seq_len,
                        passkey_fraction=setting.passkey_fraction)
     config.train.update(steps=setting.steps, batch_size=setting.batch_size, learning_rate=setting.learning_rate,
                         warmup_steps=setting.warmup_steps, min_lr_ratio=1.0, weight_decay=0.0,
@@ -249,12 +251,44 @@ def command_of(run: pathlib.Path, variant: Variant, lengths: list[int], options:
     return shlex.join(args)
 
 
+def kept(path: pathlib.Path, inputs: dict) -> dict | None:
+    """The record at `path` if there is one, made from `inputs`; exits naming what differs if it was made from
+    others (another setting, task list, corpus, run or checkpoint): a study never mixes the two."""
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    inputs = json.loads(json.dumps(inputs))
+    differ = sorted(key for key in inputs.keys() | record.get("inputs", {}).keys()
+                    if inputs.get(key) != record.get("inputs", {}).get(key))
+    if differ:
+        sys.exit(f"error: {path} was measured with other {', '.join(differ)} than asked now; remove it (and what "
+                 f"depends on it) or use another --workdir")
+    return record
+
+
+def measured_by(setting: Setting) -> dict:
+    """The fields of `setting` that an evaluation's numbers depend on (not the factors listed, nor the search)."""
+    return {key: value for key, value in dataclasses.asdict(setting).items()
+            if key not in ("factors", "search", "search_windows")}
+
+
+def run_step(run: pathlib.Path) -> int | None:
+    checkpoints = checkpoint.Checkpoints(run)
+    step = checkpoints.latest_step()
+    checkpoints.close()
+    return step
+
+
 def evaluate(run: pathlib.Path, workdir: pathlib.Path, variant: Variant, setting: Setting,
              corpus: pathlib.Path, tasks: tuple[str, ...]) -> dict:
-    """The variant's record ({"report", "lengths", "command", "seconds"}), computed once and kept in evals/."""
+    """The variant's record ({"report", "lengths", "command", "seconds", "inputs"}), computed once and kept in
+    evals/ (`kept`)."""
     path = workdir / "evals" / f"{variant.slug}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    inputs = {"setting": measured_by(setting), "tasks": list(tasks), "corpus": str(corpus), "run": str(run),
+              "step": run_step(run), "scheme": variant.scheme, "params": dict(variant.params)}
+    record = kept(path, inputs)
+    if record is not None:
+        return record
     run_config = checkpoint.load_run_config(run)
     limit = scheme_limit(run_config, variant)
     lengths = [n for n in setting.lengths if limit is None or n <= limit]
@@ -266,7 +300,8 @@ def evaluate(run: pathlib.Path, workdir: pathlib.Path, variant: Variant, setting
     record = {"label": variant.label, "scheme": variant.scheme, "params": dict(variant.params),
               "family": variant.family, "run": str(run), "lengths": lengths,
               "seconds": round(time.perf_counter() - start, 1),
-              "command": command_of(run, variant, lengths, options, setting.num_documents), "report": report}
+              "command": command_of(run, variant, lengths, options, setting.num_documents), "inputs": inputs,
+              "report": report}
     write_report(report, workdir / "evals" / variant.slug)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -480,7 +515,9 @@ def compression(args) -> None:
             continue
         for policy, fraction in COMPRESSIONS:
             path = workdir / "compression" / f"{variant.slug}__{policy}_{round(1 / fraction)}.json"
-            if path.exists():
+            inputs = {**record.get("inputs", {}), "setting": measured_by(setting), "corpus": str(args.corpus),
+                      "lengths": lengths}
+            if kept(path, inputs) is not None:
                 continue
             options = dataclasses.replace(options_of(setting, args.corpus, ("passkey",)),
                                           compression=Compression(policy, fraction=fraction))
@@ -489,7 +526,7 @@ def compression(args) -> None:
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps({
                 "label": variant.label, "policy": policy, "fraction": fraction, "lengths": lengths,
-                "seconds": round(time.perf_counter() - start, 1), "report": result,
+                "seconds": round(time.perf_counter() - start, 1), "report": result, "inputs": inputs,
                 "command": command_of(run, variant, lengths, options, setting.num_documents)}, indent=2) + "\n")
             log.info("%s under %s 1/%d: evaluated at %s", variant.label, policy, round(1 / fraction), lengths)
     print(report(workdir))
@@ -502,11 +539,14 @@ def search_longrope(args) -> None:
     run_config = checkpoint.load_run_config(args.run)
     L = run_config.data.seq_len
     data = run_config.data.copy_and_resolve_references()
-    data.update(source=str(args.corpus / "train.jsonl"), mixture={}, valid_fraction=1.0)
+    data.update(source=str(args.corpus / "train.jsonl"), valid_fraction=1.0)
+    data.mixture = ml_collections.ConfigDict()
     documents = pipeline.eval_documents(data, "valid", tokenizer)
     for factor in setting.factors:
         path = workdir / "longrope" / f"x{factor}.json"
-        if path.exists():
+        inputs = {"run": str(args.run), "step": run_step(args.run), "corpus": str(args.corpus),
+                  "windows": setting.search_windows, "search": dataclasses.asdict(setting.search)}
+        if kept(path, inputs) is not None:
             continue
         length = factor * L
         windows = [document[:length] for document in documents if len(document) >= length][:setting.search_windows]
@@ -522,7 +562,7 @@ def search_longrope(args) -> None:
                                         scheme, setting.search)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({
-            "factor": factor, "length": length, "windows": len(windows),
+            "factor": factor, "length": length, "windows": len(windows), "inputs": inputs,
             "long_factor": [round(float(v), 5) for v in result.long_factor], "loss": result.loss,
             "starts": result.starts, "history": result.history, "search": dataclasses.asdict(setting.search),
             "seconds": round(time.perf_counter() - start, 1), "device": jax.devices()[0].device_kind}, indent=2)

@@ -12,29 +12,37 @@ text marks where its question ends and the answer's lead-in begins (`ANSWER_MARK
 key?" is asked and "The pass key is" begun by the assistant.
 """
 
+import datetime
+import json
 from collections.abc import Sequence
 
 import jinja2
 import jinja2.sandbox
 import numpy as np
 
-from longctx.data.tokenizers import ANSWER_MARK, Tokenizer
+from longctx.data.tokenizers import Tokenizer, split_at_answer
 
 _CONTENT = "\x00longctx user content\x00"  # stands for the text while the template is rendered once
 
 
-def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool, bos_token: str = "",
-                eos_token: str = "") -> str:
-    """`template` rendered as transformers renders chat templates."""
+def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool, **special_tokens: str) -> str:
+    """`template` rendered as transformers renders chat templates: its globals `raise_exception` and `strftime_now`,
+    `tojson` keeping non-ASCII text, `tools` and `documents` None, and the tokenizer's special tokens
+    (`bos_token=...`, `eos_token=...`) as variables."""
     environment = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                                extensions=["jinja2.ext.loopcontrols"])
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    environment.filters["tojson"] = tojson
     environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = lambda format: datetime.datetime.now().strftime(format)
     return environment.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                    bos_token=bos_token, eos_token=eos_token)
+                                                    tools=None, documents=None, **special_tokens)
 
 
 class ChatPrompts(Tokenizer):
@@ -48,7 +56,7 @@ class ChatPrompts(Tokenizer):
         self.name, self.vocab_size, self.chat_template = tokenizer.name, tokenizer.vocab_size, tokenizer.chat_template
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         special = {name: tokenizer.token_string(token_id) for name, token_id in
-                   (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id))}
+                   (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id))}
         rendered = render_chat(tokenizer.chat_template, [{"role": "user", "content": _CONTENT}],
                                add_generation_prompt=True, **special)
         if rendered.count(_CONTENT) != 1:
@@ -65,9 +73,9 @@ class ChatPrompts(Tokenizer):
         return self.base.decode(ids)
 
     def prompt(self, text: str, *, whole: bool = True) -> np.ndarray:
-        """ids of the template's opening, `text` up to its `ANSWER_MARK` as the user's turn, and (if `whole`) the
-        turn's close, the assistant's opening and the text after the mark."""
-        question, _, lead = text.partition(ANSWER_MARK)
+        """ids of the template's opening, `text` up to its (last) `ANSWER_MARK` as the user's turn, and (if `whole`)
+        the turn's close, the assistant's opening and the text after the mark."""
+        question, lead = split_at_answer(text)
         if not whole:
             return self.base.encode(self.head + question).astype(np.int32)
         return self.base.encode(self.head + question.rstrip() + self.tail + lead.lstrip()).astype(np.int32)

@@ -22,9 +22,17 @@ HF_BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "<|endof
 HF_EOS_NAMES = ("</s>", "<eos>", "<|end_of_text|>", "<|endoftext|>")
 HF_PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]")
 HF_CONFIG_FILE = "tokenizer_config.json"  # Beside an HF tokenizer.json: its bos_token, eos_token, pad_token.
+HF_TEMPLATE_FILE = "chat_template.jinja"  # Beside it too, in newer HF directories: the chat template.
 # In a prompt's text, where the question ends and the answer's lead-in begins (" The pass key is"): a plain prompt
-# drops it, a chat prompt starts the assistant's turn with what follows it (`longctx.data.chat`).
+# drops it, a chat prompt starts the assistant's turn with what follows it (`longctx.data.chat`). Only the last one
+# counts: a haystack may hold the character itself.
 ANSWER_MARK = "\x1f"
+
+
+def split_at_answer(text: str) -> tuple[str, str]:
+    """(question, answer's lead-in) of a prompt's text: around its last `ANSWER_MARK` (lead-in "" without one)."""
+    question, mark, lead = text.rpartition(ANSWER_MARK)
+    return (question, lead) if mark else (text, "")
 
 
 class Tokenizer(abc.ABC):
@@ -41,7 +49,7 @@ class Tokenizer(abc.ABC):
         """int32 ids of `text` as a prompt: [BOS] + encode(text), as packing frames every training document, with the
         `ANSWER_MARK` it may hold dropped. `whole` matters to prompts that close after the text
         (`longctx.data.chat.ChatPrompts`): False gives the ids only up to the text's end (where a needle sits)."""
-        return np.concatenate([[self.bos_id], self.encode(text.replace(ANSWER_MARK, ""))]).astype(np.int32)
+        return np.concatenate([[self.bos_id], self.encode("".join(split_at_answer(text)))]).astype(np.int32)
 
     @abc.abstractmethod
     def encode(self, text: str) -> np.ndarray:
@@ -105,8 +113,11 @@ class HFTokenizer(Tokenizer):
         """`tokenizer`: one already built (`path` then only names it), else the tokenizer.json at `path`."""
         self.name = str(path)
         self._tokenizer = tokenizer or tokenizers.Tokenizer.from_file(str(path))
+        self._named_in = ""
         if tokenizer is None:
             named = _special_tokens_beside(pathlib.Path(path))
+            if (bos, eos, pad) == (None, None, None) and named:
+                self._named_in = f" (named by {pathlib.Path(path).parent / HF_CONFIG_FILE})"
             bos, eos, pad = bos or named.get("bos"), eos or named.get("eos"), pad or named.get("pad")
             chat_template = chat_template or named.get("chat_template")
         self.chat_template = chat_template
@@ -119,7 +130,7 @@ class HFTokenizer(Tokenizer):
         if token is not None:
             token_id = self._tokenizer.token_to_id(token)
             if token_id is None:
-                raise ValueError(f"{self.name}: the {role} token {token!r} is not in its vocabulary")
+                raise ValueError(f"{self.name}: the {role} token {token!r}{self._named_in} is not in its vocabulary")
             return token_id
         specials = {t.content: i for i, t in self._tokenizer.get_added_tokens_decoder().items() if t.special}
         for name in names:
@@ -166,15 +177,24 @@ def _special_tokens_beside(path: pathlib.Path) -> dict[str, str]:
     config_path = path.parent / HF_CONFIG_FILE
     if not config_path.is_file():
         return {}
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
     named = {}
     for role in ("bos", "eos", "pad"):
         token = config.get(f"{role}_token")
         token = token.get("content") if isinstance(token, dict) else token  # older files: an AddedToken's fields
         if isinstance(token, str):
             named[role] = token
-    if isinstance(config.get("chat_template"), str):
-        named["chat_template"] = config["chat_template"]
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if (path.parent / HF_TEMPLATE_FILE).is_file():  # newer transformers write the template apart
+        template = (path.parent / HF_TEMPLATE_FILE).read_text()
+    if isinstance(template, str):
+        named["chat_template"] = template
     return named
 
 

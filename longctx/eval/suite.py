@@ -93,6 +93,9 @@ class Options:
                 raise ValueError(f"--{name} must be a positive int, got {value!r}")
         if self.prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"--prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
+        if self.prompt_format == "chat" and "longbench" in self.tasks:
+            raise ValueError("--prompt_format chat: longbench prompts are cut in the middle of their ids and asked as "
+                             "plain text; evaluate longbench with --prompt_format plain")
         bad = [name for name in self.ruler_tasks if name not in ruler.TASKS]
         if bad:
             raise ValueError(f"--ruler_tasks: unknown {', '.join(bad)}; RULER tasks: {', '.join(ruler.TASKS)}")
@@ -246,7 +249,8 @@ def prepare(workdir: str | pathlib.Path, lengths: list[int], schemes: list[str] 
         data = config.data
         if split == "valid" and options.documents is not None:  # every document of the given files is held out
             data = ml_collections.ConfigDict(config.data.to_dict())
-            data.update(source=options.documents, mixture={}, valid_fraction=1.0)
+            data.update(source=options.documents, valid_fraction=1.0)
+            data.mixture = ml_collections.ConfigDict()  # update() would merge into a mixture, not empty it
         return split_documents(data.to_json(sort_keys=True), split)
 
     windows = unigram = None

@@ -5,6 +5,7 @@ import pytest
 
 from longctx.data import ChatPrompts, load_tokenizer
 from longctx.data.chat import render_chat
+from longctx.data.tokenizers import ANSWER_MARK
 from longctx.eval import passkey
 
 import gguf_files
@@ -22,6 +23,24 @@ def test_templates_render_as_transformers_renders_them():
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert render_chat(LLAMA2, [{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                        bos_token="<s>") == "<s>[INST] Hi [/INST]"
+
+
+def test_templates_see_what_transformers_gives_them():
+    """tools and documents None, tojson keeping non-ASCII text, strftime_now, the special tokens as variables."""
+    template = ("{% if tools is not none %}[TOOLS]{% endif %}{{ messages[0]['content'] | tojson }}"
+                "{{ strftime_now('%Y') | length }}{{ pad_token }}")
+    assert render_chat(template, [{"role": "user", "content": "a<b é"}], add_generation_prompt=False,
+                       pad_token="<pad>") == '"a<b é"4<pad>'
+
+
+def test_only_the_last_answer_mark_splits_a_prompt(chat_tokenizer):
+    """A haystack may hold the mark's character itself: plain prompts keep it as before, chat prompts split at the
+    task's own mark, the last one."""
+    text = f"noise {ANSWER_MARK} noise. What is it?{ANSWER_MARK} It is"
+    plain = chat_tokenizer.encode(f"noise {ANSWER_MARK} noise. What is it? It is")
+    assert chat_tokenizer.prompt(text).tolist() == [chat_tokenizer.bos_id, *plain.tolist()]
+    chat = ChatPrompts(chat_tokenizer)
+    assert chat_tokenizer.decode(chat.prompt(text)).endswith("What is it?\nassistant\nIt is")
 
 
 @pytest.fixture

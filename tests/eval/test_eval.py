@@ -237,6 +237,8 @@ def test_task_errors_name_the_problem(trained_run, tmp_path):
         suite.prepare(trained_run, [64], ["rope"], overrides={"factor": 4.0})
     with pytest.raises(ValueError, match="--prompt_format must be one of plain, chat, got 'chatml'"):
         suite.prepare(trained_run, [64], options=suite.Options(tasks=("passkey",), prompt_format="chatml"))
+    with pytest.raises(ValueError, match="--prompt_format chat: longbench prompts are cut in the middle"):
+        suite.prepare(trained_run, [512], options=suite.Options(tasks=("longbench",), prompt_format="chat"))
     with pytest.raises(ValueError, match="--prompt_format chat: the tokenizer 'byte' has no chat template"):
         suite.prepare(trained_run, [512], options=suite.Options(tasks=("passkey",), prompt_format="chat"))
 

@@ -89,6 +89,10 @@ def test_every_row_is_evaluated_once_and_its_printed_command_gives_its_numbers(r
     assert (workdir / "results.md").read_text() == results
     with pytest.raises(SystemExit, match="holds rows measured with --prompt_format plain"):
         study.main([*args, "--prompt_format", "chat"])
+    monkeypatch.setitem(study.SETTINGS, "test", study.dataclasses.replace(SETTING, num_samples=2))
+    with pytest.raises(SystemExit, match="was measured with other setting than asked now"):
+        study.main(args)  # rows are never mixed across settings
+    monkeypatch.setitem(study.SETTINGS, "test", SETTING)
 
     record = json.loads((workdir / "evals" / f"{study.file_slug('YaRN ×2')}.json").read_text())
     command = record["command"].replace("OUT", str(tmp_path / "rerun")).split()
