@@ -142,15 +142,6 @@ def runs(setting: Setting, workdir: pathlib.Path) -> dict[str, ml_collections.Co
     }
 
 
-def finished(workdir: pathlib.Path, steps: int) -> bool:
-    if not checkpoint.holds_run(workdir):
-        return False
-    checkpoints = checkpoint.Checkpoints(workdir)
-    latest = checkpoints.latest_step()
-    checkpoints.close()
-    return latest == steps
-
-
 def evaluate(setting: Setting, workdir: pathlib.Path, variant: Variant, lengths: list[int]) -> dict:
     """The variant's report, computed once and kept in <workdir>/evals/."""
     path = workdir / "evals" / (file_slug(variant.label) + ".json")
@@ -224,7 +215,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     timings = {}
     for name, config in runs(setting, workdir).items():
-        if finished(workdir / name, config.train.steps):
+        if checkpoint.newest_step(workdir / name) == config.train.steps:
             log.info("%s: finished earlier, reused", name)
             continue
         start = time.perf_counter()

@@ -93,13 +93,9 @@ def trained_base(setting: Setting, workdir: pathlib.Path) -> tuple[pathlib.Path,
     """The base run's directory, trained here unless its last checkpoint is already there; and the seconds it took."""
     run_dir = workdir / "base"
     config = base_config(setting)
-    if checkpoint.holds_run(run_dir):
-        checkpoints = checkpoint.Checkpoints(run_dir)
-        latest = checkpoints.latest_step()
-        checkpoints.close()
-        if latest == config.train.steps:
-            log.info("base: finished earlier, reused")
-            return run_dir, None
+    if checkpoint.newest_step(run_dir) == config.train.steps:
+        log.info("base: finished earlier, reused")
+        return run_dir, None
     start = time.perf_counter()
     train(config, run_dir, resume=True)
     return run_dir, time.perf_counter() - start

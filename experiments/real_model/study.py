@@ -212,15 +212,6 @@ def fine_tune_config(run: pathlib.Path, corpus: pathlib.Path, variant: Variant, 
     return config
 
 
-def finished(workdir: pathlib.Path, steps: int) -> bool:
-    if not checkpoint.holds_run(workdir):
-        return False
-    checkpoints = checkpoint.Checkpoints(workdir)
-    latest = checkpoints.latest_step()
-    checkpoints.close()
-    return latest == steps
-
-
 def scheme_limit(run_config, variant: Variant) -> int | None:
     """The longest sequence `variant`'s scheme is defined for (None: any)."""
     scheme_config = suite.scheme_config(run_config.model.positions, variant.scheme, dict(variant.params))
@@ -272,20 +263,13 @@ def measured_by(setting: Setting) -> dict:
             if key not in ("factors", "search", "search_windows")}
 
 
-def run_step(run: pathlib.Path) -> int | None:
-    checkpoints = checkpoint.Checkpoints(run)
-    step = checkpoints.latest_step()
-    checkpoints.close()
-    return step
-
-
 def evaluate(run: pathlib.Path, workdir: pathlib.Path, variant: Variant, setting: Setting,
              corpus: pathlib.Path, tasks: tuple[str, ...]) -> dict:
     """The variant's record ({"report", "lengths", "command", "seconds", "inputs"}), computed once and kept in
     evals/ (`kept`)."""
     path = workdir / "evals" / f"{variant.slug}.json"
     inputs = {"setting": measured_by(setting), "tasks": list(tasks), "corpus": str(corpus), "run": str(run),
-              "step": run_step(run), "scheme": variant.scheme, "params": dict(variant.params)}
+              "step": checkpoint.newest_step(run), "scheme": variant.scheme, "params": dict(variant.params)}
     record = kept(path, inputs)
     if record is not None:
         return record
@@ -482,7 +466,7 @@ def fine_tune(args) -> None:
     for name in names:
         variant, tuned = methods[name], workdir / "runs" / name
         config = fine_tune_config(run, args.corpus, variant, setting)
-        if finished(tuned, setting.steps):
+        if checkpoint.newest_step(tuned) == setting.steps:
             log.info("%s: trained earlier, reused", name)
         else:
             start = time.perf_counter()
@@ -544,7 +528,7 @@ def search_longrope(args) -> None:
     documents = pipeline.eval_documents(data, "valid", tokenizer)
     for factor in setting.factors:
         path = workdir / "longrope" / f"x{factor}.json"
-        inputs = {"run": str(args.run), "step": run_step(args.run), "corpus": str(args.corpus),
+        inputs = {"run": str(args.run), "step": checkpoint.newest_step(args.run), "corpus": str(args.corpus),
                   "windows": setting.search_windows, "search": dataclasses.asdict(setting.search)}
         if kept(path, inputs) is not None:
             continue

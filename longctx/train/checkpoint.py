@@ -126,6 +126,16 @@ def holds_run(workdir: pathlib.Path) -> bool:
     return any((workdir / name).exists() for name in RUN_ARTIFACTS)
 
 
+def newest_step(workdir: pathlib.Path) -> int | None:
+    """The step of the newest checkpoint of the run in `workdir` (None: no run there, or no checkpoint yet)."""
+    if not holds_run(workdir):
+        return None
+    checkpoints = Checkpoints(workdir)
+    step = checkpoints.latest_step()
+    checkpoints.close()
+    return step
+
+
 def start_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, *, overwrite: bool) -> None:
     """After `check_workdir`: removes the old run's own files and its report if `overwrite`, and writes the config
     of a new run."""

@@ -120,7 +120,7 @@ def test_a_fine_tune_trains_from_the_runs_params_resumes_and_joins_the_report(ru
     tuned = study.checkpoint.load_run_config(workdir / "runs" / "yarn4")
     assert tuned.model.positions.name == "yarn" and tuned.model.positions.factor == 4.0
     assert tuned.train.init_from == str(run) and tuned.data.seq_len == 1024
-    assert study.finished(workdir / "runs" / "yarn4", 2)
+    assert study.checkpoint.newest_step(workdir / "runs" / "yarn4") == 2
     results = (workdir / "results.md").read_text()
     assert "| YaRN ×4 + fine-tune | " in results
     monkeypatch.setattr(study, "train", lambda *_, **__: pytest.fail("a finished fine-tune was trained again"))
