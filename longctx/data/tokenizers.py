@@ -65,7 +65,7 @@ class Tokenizer(abc.ABC):
 
     def token_string(self, token_id: int) -> str:
         """The vocabulary's string for `token_id` (a special token's name, as a chat template writes it)."""
-        return self.decode([token_id])
+        raise NotImplementedError(f"{type(self).__name__} has no strings for its token ids")
 
     def frame(self, ids: Sequence[int] | np.ndarray, dtype=np.int32) -> np.ndarray:
         """`[BOS] + ids + [EOS]` as `dtype`: how every document enters training, whatever the tokenizer."""

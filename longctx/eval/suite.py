@@ -56,9 +56,8 @@ class Options:
     files; batch_size: generation batch (None: the run's eval.batch_size); prefill_chunk: prompt columns per
     prefill call; seed: of every sampled prompt; prompt_format: "plain" ([BOS] + text, as training documents
     begin) or "chat" (the text as a user's turn of the tokenizer's chat template, `longctx.data.ChatPrompts`);
-    cache, page_size, compression: the KV cache generation runs with;
-    unroll_layers: generation with the layers unrolled (faster decoding steps, about three times the compilation;
-    `longctx.infer.generate.Generator`)."""
+    cache, page_size, compression: the KV cache generation runs with; unroll_layers: generation with the layers
+    unrolled (faster decoding steps, about three times the compilation; `longctx.infer.generate.Generator`)."""
 
     tasks: tuple[str, ...] = ("ppl",)
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -154,9 +154,8 @@ class Generator:
     """Generation for one model and its params, compiled once per (batch size, prompt width, new tokens); with
     `prefill_chunk` and `max_length`, once per (batch size, new tokens): every cache then has room for `max_length`
     columns (`cache_capacity`), so prompts of every width share one compiled prefill (of a chunk) and one decoding
-    loop. (A prefill
-    over a longer cache costs no more: it visits only the written columns' blocks, and decoding reads each row's
-    written columns.)
+    loop. (A prefill over a longer cache costs no more: it visits only the written columns' blocks, and decoding reads
+    each row's written columns.)
 
     `sampling` (default greedy) picks each token; `seed` seeds the sampling of every `generate` call alike.
     `cache` ("auto", "encoded", "raw") and `page_size` choose the KV cache (module docstring); `compression`
@@ -226,9 +225,9 @@ class Generator:
         chunk = self.prefill_chunk or math.ceil(longest / WIDTH_GRANULE) * WIDTH_GRANULE
         width = math.ceil(longest / chunk) * chunk
         batch = left_padded(prompts, width, self.pad_id)
-        columns = width + room if self.max_length is None else cache_capacity(self.max_length, self.prefill_chunk,
-                                                                              self.page_size)
-        cache = self.empty_cache(batch["starts"], columns)
+        capacity = width + room if self.max_length is None else cache_capacity(self.max_length, self.prefill_chunk,
+                                                                               self.page_size)
+        cache = self.empty_cache(batch["starts"], capacity)
         observe = 0 if self.compression is None else min(self.compression.observes, width)
         for start in range(0, width, chunk):
             columns = slice(start, start + chunk)
